@@ -1,0 +1,340 @@
+"""The worker's one configuration object.
+
+Built once from bridgeData.yaml, then the environment, then the command line; validated once; frozen. A reload
+builds a new object. Every key the legacy AI-Horde-Worker and horde-worker-reGen accept is accepted with
+their defaults, so an operator's existing file runs unchanged. Derived values (max_pixels, the API base,
+memory budgets, which modes run) are pure functions below, never validators that rewrite fields.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ANONYMOUS_API_KEY = "0000000000"
+BRIDGE_NAME = "horde-bridge-py"
+BRIDGE_VERSION = "0.1.0"
+BRIDGE_URL = "https://github.com/horde-bridge-py/horde-bridge-py"
+DEFAULT_BRIDGE_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
+# The names the horde grants capabilities to (img2img, inpainting, post-processing, r2 sources...).
+RECOGNISED_BRIDGE_NAMES = (
+    "AI Horde Worker reGen",
+    "AI Horde Worker",
+    "SD-WebUI Stable Horde Worker Bridge",
+    "HordeAutoWebBridge",
+)
+KNOWN_FORMS = (
+    "caption", "interrogation", "nsfw",
+    "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
+    "4x_AnimeSharp", "CodeFormers", "strip_background",
+)  # fmt: skip
+_MEMORY_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|mb|gb)?\s*$", re.IGNORECASE)
+
+# Keys the legacy workers read that have no meaning for this bridge (their machinery does not exist here).
+# They are accepted so an old file loads, and --check-config lists them.
+LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
+    "disable_voodoo": "the model cache always keeps models in RAM within its budget",
+    "enable_model_cache": "the model cache is always on",
+    "low_vram_mode": "VRAM use is governed by vram_to_leave_free",
+    "ray_temp_dir": "no ray here",
+    "disable_download_progress": "progress bars follow the terminal",
+    "queue_size_type": "not used",
+    "safety_on_gpu": "the safety checker runs on the job's device",
+    "high_memory_mode": "memory use is governed by ram_to_leave_free / vram_to_leave_free",
+    "very_high_memory_mode": "memory use is governed by ram_to_leave_free / vram_to_leave_free",
+    "high_performance_mode": "not used",
+    "moderate_performance_mode": "not used",
+    "unload_models_from_vram": "the cache moves models off the GPU as its budget requires",
+    "post_process_job_overlap": "post-processing always overlaps with submits",
+    "capture_kudos_training_data": "not used",
+    "kudos_training_data_file": "not used",
+    "exit_on_unhandled_faults": "a faulted job never stops this daemon",
+    "purge_loras_on_download": "LoRA is not supported yet",
+    "civitai_api_token": "LoRA is not supported yet",
+    "load_large_models": "model sizes follow the memory budgets",
+    "custom_models": "use a local reference file (custom_model_reference)",
+    "process_timeout": "jobs are bounded by the horde's ttl",
+    "preload_timeout": "not used",
+    "horde_model_stickiness": "not used",
+    "enable_controlnet": "ControlNet is not supported yet",
+}
+
+# Accepted keys this bridge does not act on yet. Kept honest: --check-config prints this list.
+NOT_ACTED_ON: dict[str, str] = {
+    "allow_controlnet": "ControlNet is not implemented; the worker always pops with allow_controlnet false",
+    "allow_sdxl_controlnet": "ControlNet is not implemented; the worker always pops with it false",
+    "allow_lora": "LoRA is not implemented; the worker always pops with allow_lora false",
+    "max_lora_cache_size": "LoRA is not implemented",
+}
+
+# Old spellings that mean the same key.
+KEY_ALIASES = {"image_models_to_load": "models_to_load", "image_models_to_skip": "models_to_skip"}
+
+
+class BridgeConfig(BaseModel):
+    """Every key of bridgeData.yaml. Defaults are those of the legacy worker / reGen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    # Identity and the horde
+    api_key: SecretStr = SecretStr(ANONYMOUS_API_KEY)
+    horde_url: str = "https://aihorde.net"
+    worker_name: str = "An Awesome AI Horde Worker"
+    dreamer_name: str | None = None
+    alchemist_name: str = "An Awesome Alchemist"
+    bridge_agent: str = DEFAULT_BRIDGE_AGENT
+    priority_usernames: list[str] = Field(default_factory=list)
+    remove_maintenance_on_init: bool = False
+    # Which job families run ("auto": generation where a GPU is present, alchemy where none is)
+    dreamer: bool | Literal["auto"] = "auto"
+    alchemist: bool | Literal["auto"] = "auto"
+    force_cpu_generation: bool = False
+    # Capacity
+    max_threads: int = Field(1, ge=1, le=50)
+    queue_size: int = Field(1, ge=0, le=20)
+    max_batch: int = Field(1, ge=1, le=20)
+    max_power: int = Field(8, ge=2, le=288)
+    extra_slow_worker: bool = False
+    limit_max_steps: bool = False
+    require_upfront_kudos: bool = False
+    # What is served
+    nsfw: bool = True
+    censor_nsfw: bool = False
+    blacklist: list[str] = Field(default_factory=list)
+    censorlist: list[str] = Field(default_factory=list)
+    allow_img2img: bool = True
+    allow_painting: bool = True
+    allow_unsafe_ip: bool = True
+    allow_post_processing: bool = True
+    allow_controlnet: bool = False
+    allow_sdxl_controlnet: bool = False
+    allow_lora: bool = False
+    max_lora_cache_size: int = Field(10, ge=0)
+    forms: list[str] = Field(default_factory=lambda: ["caption", "nsfw"])
+    # Models
+    models_to_load: list[str] = Field(default_factory=lambda: ["stable_diffusion"])
+    models_to_skip: list[str] = Field(default_factory=list)
+    dynamic_models: bool = False
+    number_of_dynamic_models: int = Field(0, ge=0)
+    max_models_to_download: int = Field(10, ge=0)
+    always_download: bool = False
+    custom_model_reference: list[str] = Field(default_factory=list)
+    # Places and memory
+    cache_home: str = "./model-cache"
+    temp_dir: str = "./tmp"
+    state_dir: str = "./worker-state"
+    ram_to_leave_free: str = "80%"
+    vram_to_leave_free: str = "80%"
+    # Output
+    disable_terminal_ui: bool = False
+    stats_output_frequency: int = Field(30, ge=0)
+    suppress_speed_warnings: bool = False
+
+    @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
+    @classmethod
+    def _memory_spec(cls, value: Any) -> str:
+        text = str(value)
+        match = _MEMORY_SPEC.match(text)
+        if not match or (match.group(2) == "%" and float(match.group(1)) > 100):
+            raise ValueError("expected a percentage like '80%' or megabytes like 4096 (or '4GB')")
+        return text.strip()
+
+    @field_validator("forms")
+    @classmethod
+    def _known_forms(cls, value: list[str]) -> list[str]:
+        unknown = [form for form in value if form not in KNOWN_FORMS]
+        if unknown:
+            raise ValueError(f"unknown form(s) {unknown}; allowed: {', '.join(KNOWN_FORMS)}")
+        return value
+
+    @field_validator("horde_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("expected an http(s) URL such as https://aihorde.net")
+        return value
+
+    @field_validator("priority_usernames")
+    @classmethod
+    def _alias_ids(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not re.match(r"^.+#\d+$", name)]
+        if bad:
+            raise ValueError(f"{bad} are not of the form alias#id")
+        return value
+
+
+# ---- derived values: pure functions -------------------------------------------------------------------
+
+
+def api_base(config: BridgeConfig) -> str:
+    """The server root without a trailing /api: both 'https://aihorde.net' and reGen's
+    'https://aihorde.net/api/' name the same server."""
+    url = config.horde_url.rstrip("/")
+    return url[: -len("/api")] if url.endswith("/api") else url
+
+
+def max_pixels(config: BridgeConfig) -> int:
+    """The legacy rule: max_power 8 is 512x512."""
+    return 64 * 64 * 8 * config.max_power
+
+
+def dreamer_name(config: BridgeConfig) -> str:
+    return config.dreamer_name or config.worker_name
+
+
+def bridge_agent_name(config: BridgeConfig) -> str:
+    return config.bridge_agent.split(":", 1)[0]
+
+
+def is_anonymous(config: BridgeConfig) -> bool:
+    return config.api_key.get_secret_value() == ANONYMOUS_API_KEY
+
+
+def memory_to_leave_free(spec: str, total_bytes: int) -> int:
+    """'80%' of total, or megabytes ('4096', '4096MB') or gigabytes ('4GB')."""
+    match = _MEMORY_SPEC.match(spec)
+    if not match:
+        raise ValueError(f"bad memory spec {spec!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "mb").lower()
+    if unit == "%":
+        return int(total_bytes * number / 100)
+    return int(number * (1024**3 if unit == "gb" else 1024**2))
+
+
+def modes(config: BridgeConfig, *, has_gpu: bool) -> tuple[bool, bool]:
+    """(dreamer, alchemist) after resolving 'auto' against the machine."""
+    dream = has_gpu if config.dreamer == "auto" else bool(config.dreamer)
+    alchemy = (not has_gpu) if config.alchemist == "auto" else bool(config.alchemist)
+    return dream, alchemy
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `lines` holds one line per problem, each naming its key."""
+
+    def __init__(self, lines: Sequence[str]):
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+@dataclass
+class LoadedConfig:
+    config: BridgeConfig
+    warnings: list[str] = field(default_factory=list)
+    ignored_legacy_keys: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None
+
+
+def env_var_for(key: str) -> str:
+    """HORDE_API_KEY, HORDE_URL, HORDE_WORKER_NAME ... (no doubled HORDE_ for horde_url)."""
+    upper = key.upper()
+    return upper if upper.startswith("HORDE_") else f"HORDE_{upper}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError([f"config file {path} does not exist"]) from err
+    except yaml.YAMLError as err:
+        raise ConfigError([f"config file {path} is not valid YAML: {err}"]) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {path} must be a mapping of keys to values"])
+    return data
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in BridgeConfig.model_fields:
+        raw = environ.get(env_var_for(key))
+        if raw is None or raw == "":
+            continue
+        # yaml scalars give env vars the same typing as the file ("true", "4", "[a, b]").
+        values[key] = raw if key == "api_key" else yaml.safe_load(raw)
+    return values
+
+
+def _format_error(error: Mapping[str, Any], values: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    top = str(error["loc"][0]) if error["loc"] else ""
+    shown = "***" if top == "api_key" else repr(values.get(top, error.get("input")))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{key}: {shown} is not allowed: {message}"
+
+
+def build_config(
+    file_values: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    source: Path | None = None,
+) -> LoadedConfig:
+    """yaml < environment < CLI overrides, validated once."""
+    warnings: list[str] = []
+    ignored: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    for raw_key, value in file_values.items():
+        key = KEY_ALIASES.get(str(raw_key), str(raw_key))
+        if key in BridgeConfig.model_fields:
+            merged[key] = value
+        elif key in LEGACY_KEYS_WITHOUT_EFFECT:
+            ignored[key] = LEGACY_KEYS_WITHOUT_EFFECT[key]
+        else:
+            warnings.append(f"unknown key {raw_key!r} ignored (check its spelling)")
+    merged.update(_from_environment(os.environ if environ is None else environ))
+    merged.update(overrides or {})
+    try:
+        config = BridgeConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError([_format_error(e, merged) for e in err.errors()]) from None
+    return LoadedConfig(config, warnings + semantic_warnings(config), ignored, source)
+
+
+def load_config(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    file_values = _read_yaml(path) if path is not None else {}
+    return build_config(file_values, environ=environ, overrides=overrides, source=path)
+
+
+def semantic_warnings(config: BridgeConfig) -> list[str]:
+    """Valid but probably not what the operator wants."""
+    warnings = []
+    if is_anonymous(config):
+        warnings.append(
+            "api_key is the anonymous key 0000000000: the horde refuses anonymous workers "
+            "(AnonForbiddenWorker). Register at https://aihorde.net/register and set HORDE_API_KEY."
+        )
+    if bridge_agent_name(config) not in RECOGNISED_BRIDGE_NAMES:
+        warnings.append(
+            f"bridge_agent {bridge_agent_name(config)!r} is not a name the horde recognises: it will offer "
+            "no img2img, inpainting or post-processing jobs and pays 0.75x kudos"
+        )
+    if config.dreamer_name and config.dreamer_name == config.alchemist_name:
+        warnings.append("dreamer_name and alchemist_name are equal: the horde needs distinct worker names")
+    for key, why in NOT_ACTED_ON.items():
+        if getattr(config, key) != BridgeConfig.model_fields[key].default:
+            warnings.append(f"{key} is set but not acted on yet: {why}")
+    return warnings
+
+
+def masked_dump(config: BridgeConfig) -> dict[str, Any]:
+    """The resolved config for display: secrets masked."""
+    data = config.model_dump(mode="json")
+    key = config.api_key.get_secret_value()
+    data["api_key"] = "0000000000 (anonymous)" if key == ANONYMOUS_API_KEY else f"***{len(key)} chars***"
+    return data
