@@ -1,0 +1,377 @@
+"""ModelCache: models held in RAM (and, on CUDA, VRAM) within byte budgets, evicted least-recently-used.
+
+Every object keeps one RAM copy of its weights for as long as it is cached (pinned on CUDA). Moving to the
+GPU makes a second, device copy; evicting from VRAM just points the parameters back at the RAM copy, so an
+offload costs no device-to-host copy. A model in use is locked and is never evicted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
+
+import torch
+
+from models.device import DevicePolicy
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MIB = 1024 * 1024
+
+
+class Tier(str, Enum):
+    RAM = "ram"
+    VRAM = "vram"
+
+
+class CacheFullError(RuntimeError):
+    """Room for a model could not be made: it is larger than the budget, or every resident model stays locked."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory while a model moved onto it; the model was dropped and the job must fault."""
+
+
+# --- budgets -------------------------------------------------------------------------------------------
+
+
+def leave_free_bytes(spec: str | int | float, total_bytes: int) -> int:
+    """Bytes to leave free: "80%" is a share of `total_bytes`; a bare number (or "4096", "4096MB") is MiB."""
+    text = str(spec).strip().upper()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|MB|MIB|M)?", text)
+    if not match:
+        raise ValueError(f"memory to leave free must look like '80%' or '4096' (MB), not {spec!r}")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if value > 100:
+            raise ValueError(f"cannot leave {value}% of memory free")
+        return int(total_bytes * value / 100)
+    return int(value * MIB)
+
+
+def memory_budget(spec: str | int | float, *, total_bytes: int, available_bytes: int, held_bytes: int = 0) -> int:
+    """Bytes a cache may hold so that at least `spec` of memory stays free.
+
+    Pure: `available_bytes` is what the system reports free now; `held_bytes` is what this cache already holds
+    (it would be given back by eviction, so it counts as usable).
+    """
+    usable = max(0, available_bytes) + max(0, held_bytes)
+    return max(0, min(usable, total_bytes) - leave_free_bytes(spec, total_bytes))
+
+
+def ram_budget(spec: str | int | float) -> int:
+    """The RAM budget on this machine now (psutil), for `ram_to_leave_free`."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return memory_budget(spec, total_bytes=vm.total, available_bytes=vm.available)
+
+
+def vram_budget(spec: str | int | float, device: DevicePolicy) -> int:
+    """The VRAM budget of the policy's device now, for `vram_to_leave_free`; 0 on CPU."""
+    free, total = device.vram_bytes()
+    return memory_budget(spec, total_bytes=total, available_bytes=free) if total else 0
+
+
+# --- cached objects ------------------------------------------------------------------------------------
+
+
+def torch_modules(obj: Any) -> dict[str, torch.nn.Module]:
+    """The modules whose weights make up a cached object (module, pipeline, or a `torch_modules()` owner)."""
+    if isinstance(obj, torch.nn.Module):
+        return {"": obj}
+    if hasattr(obj, "torch_modules"):
+        return dict(obj.torch_modules())
+    components = getattr(obj, "components", None)  # a diffusers DiffusionPipeline
+    if isinstance(components, dict):
+        return {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
+    raise TypeError(f"cannot cache a {type(obj).__name__}: not a module, pipeline or torch_modules() owner")
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for module in torch_modules(obj).values():
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def object_bytes(obj: Any) -> int:
+    """Bytes of an object's parameters and buffers (shared tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _release_freed_memory() -> None:
+    # Dropped models sit in reference cycles (pipelines <-> hooks); collect them, then ask glibc to return
+    # freed arenas to the system, else RSS never goes down after an eviction.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: str
+    obj: Any = None
+    ram_bytes: int = 0
+    loading: bool = True
+    locks: int = 0
+    on_device: bool = False
+    vram_reserved: int = 0
+    drop_pending: bool = False
+    # (tensor, its RAM copy) pairs: evicting from VRAM points the tensor back at its RAM copy.
+    ram_copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    move_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModelCache:
+    def __init__(
+        self,
+        device: DevicePolicy,
+        *,
+        ram_budget_bytes: int,
+        vram_budget_bytes: int | None = None,
+        wait_timeout: float = 300.0,
+    ) -> None:
+        self.device = device
+        self._ram_budget = int(ram_budget_bytes)
+        if vram_budget_bytes is None:
+            vram_budget_bytes = int(device.vram_bytes()[0] * 0.9)
+        self._vram_budget = int(vram_budget_bytes)
+        self._wait_timeout = wait_timeout
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._cond = threading.Condition()
+        self.evictions: deque[tuple[str, Tier]] = deque(maxlen=1000)
+
+    # --- public API ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, key: str, loader: Callable[[], T], *, size_hint: int | None = None) -> Iterator[T]:
+        """Load into RAM if absent (make_room first), move onto the execution device (make_room on VRAM),
+        lock against eviction for the duration, yield the object *on the execution device*.
+
+        `size_hint` (bytes, e.g. the checkpoint's size) reserves room before loading so that a load never
+        pushes the cache past its budget while the model being replaced is still resident.
+        """
+        entry = self._acquire(key, loader, size_hint)
+        try:
+            if self.device.is_cuda:
+                self._to_device(entry)
+            yield entry.obj
+        finally:
+            self._release(entry)
+
+    def resident(self) -> list[str]:
+        """Keys in RAM, least recently used first."""
+        with self._cond:
+            return [k for k, e in self._entries.items() if not e.loading]
+
+    def on_device(self) -> list[str]:
+        with self._cond:
+            return [k for k, e in self._entries.items() if e.on_device]
+
+    def drop(self, key: str) -> None:
+        """Forget a model; one in use is dropped when its last user releases it."""
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            if entry.locks or entry.loading:
+                entry.drop_pending = True
+                return
+            self._remove(entry)
+        _release_freed_memory()
+
+    def make_room(self, nbytes: int, tier: Tier | str = Tier.RAM) -> None:
+        """Evict least-recently-used unlocked models until `nbytes` more fit in `tier`'s budget; wait for
+        locked models to be released if that is the only way, up to the cache's wait timeout."""
+        with self._cond:
+            evicted = self._make_room(int(nbytes), Tier(tier))
+        if evicted:
+            _release_freed_memory()
+
+    @property
+    def ram_budget_bytes(self) -> int:
+        return self._ram_budget
+
+    @property
+    def vram_budget_bytes(self) -> int:
+        return self._vram_budget
+
+    def used_bytes(self, tier: Tier | str = Tier.RAM) -> int:
+        with self._cond:
+            return self._used(Tier(tier))
+
+    # --- internals (callers hold self._cond unless noted) --------------------------------------------
+
+    def _used(self, tier: Tier) -> int:
+        if tier is Tier.RAM:
+            return sum(e.ram_bytes for e in self._entries.values())
+        return sum(e.vram_reserved for e in self._entries.values())
+
+    def _budget(self, tier: Tier) -> int:
+        return self._ram_budget if tier is Tier.RAM else self._vram_budget
+
+    def _make_room(self, nbytes: int, tier: Tier) -> bool:
+        budget = self._budget(tier)
+        if nbytes > budget:
+            raise CacheFullError(
+                f"a model of {nbytes / MIB:.0f} MiB does not fit the {tier.value} budget of {budget / MIB:.0f} MiB"
+            )
+        deadline = time.monotonic() + self._wait_timeout
+        evicted = False
+        while self._used(tier) + nbytes > budget:
+            victim = self._lru_victim(tier)
+            if victim is not None:
+                self._evict(victim, tier)
+                evicted = True
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CacheFullError(
+                    f"no room for {nbytes / MIB:.0f} MiB in {tier.value}: "
+                    f"{self._used(tier) / MIB:.0f} of {budget / MIB:.0f} MiB held by models in use"
+                )
+            logger.info("cache: waiting for a %s model to be released", tier.value)
+            self._cond.wait(remaining)
+        return evicted
+
+    def _lru_victim(self, tier: Tier) -> _Entry | None:
+        for entry in self._entries.values():
+            if entry.locks or entry.loading:
+                continue
+            if tier is Tier.RAM or entry.vram_reserved:
+                return entry
+        return None
+
+    def _evict(self, entry: _Entry, tier: Tier) -> None:
+        logger.info("cache: evicting %s from %s (%.0f MiB)", entry.key, tier.value, entry.ram_bytes / MIB)
+        self.evictions.append((entry.key, tier))
+        if tier is Tier.RAM:
+            self._remove(entry)
+        else:
+            self._offload(entry)
+
+    def _remove(self, entry: _Entry) -> None:
+        self._offload(entry)
+        self._entries.pop(entry.key, None)
+        entry.obj = None
+        entry.ram_copies = []
+        self._cond.notify_all()
+
+    def _offload(self, entry: _Entry) -> None:
+        if entry.on_device:
+            for tensor, ram_copy in entry.ram_copies:
+                tensor.data = ram_copy
+            entry.on_device = False
+        entry.vram_reserved = 0
+        self._cond.notify_all()
+
+    def _acquire(self, key: str, loader: Callable[[], Any], size_hint: int | None) -> _Entry:
+        with self._cond:
+            while True:
+                entry = self._entries.get(key)
+                if entry is None or not entry.loading:
+                    break
+                self._cond.wait()  # another thread is loading this key
+            if entry is not None:
+                entry.locks += 1
+                self._entries.move_to_end(key)
+                return entry
+            reserve = int(size_hint or 0)
+            evicted = self._make_room(reserve, Tier.RAM)
+            entry = _Entry(key=key, ram_bytes=reserve, locks=1)
+            self._entries[key] = entry
+        if evicted:
+            _release_freed_memory()
+        try:
+            return self._load(entry, loader)
+        except BaseException:
+            with self._cond:
+                self._entries.pop(key, None)
+                self._cond.notify_all()
+            raise
+
+    def _load(self, entry: _Entry, loader: Callable[[], Any]) -> _Entry:
+        started = time.perf_counter()
+        obj = loader()
+        tensors = _tensors(obj)  # raises TypeError for uncacheable objects
+        if self.device.pin_memory:
+            for t in tensors:
+                if t.device.type == "cpu" and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        with self._cond:
+            entry.ram_bytes = 0  # the reservation is replaced by the real size
+            try:
+                evicted = self._make_room(size, Tier.RAM)
+            except CacheFullError:
+                entry.ram_bytes = size
+                raise
+            entry.obj, entry.ram_bytes, entry.loading = obj, size, False
+            entry.ram_copies = [(t, t.data) for t in tensors]
+            self._cond.notify_all()
+        if evicted:
+            _release_freed_memory()
+        logger.info("cache: loaded %s (%.0f MiB) in %.2fs", entry.key, size / MIB, time.perf_counter() - started)
+        return entry
+
+    def _release(self, entry: _Entry) -> None:
+        with self._cond:
+            entry.locks -= 1
+            dropped = entry.locks == 0 and entry.drop_pending and entry.key in self._entries
+            if dropped:
+                self._remove(entry)
+            self._cond.notify_all()
+        if dropped:
+            _release_freed_memory()
+
+    def _to_device(self, entry: _Entry) -> None:
+        """Copy a locked entry's weights onto the GPU from its pinned RAM copy (not holding self._cond)."""
+        with entry.move_lock:
+            if entry.on_device:
+                return
+            with self._cond:
+                self._make_room(entry.ram_bytes, Tier.VRAM)
+                entry.vram_reserved = entry.ram_bytes
+            try:
+                for tensor, ram_copy in entry.ram_copies:
+                    tensor.data = ram_copy.to(self.device.device, non_blocking=ram_copy.is_pinned())
+                torch.cuda.current_stream(self.device.device).synchronize()
+            except torch.cuda.OutOfMemoryError as exc:
+                self._on_device_oom(entry, exc)
+            with self._cond:
+                entry.on_device = True
+                self._entries.move_to_end(entry.key)
+
+    def _on_device_oom(self, entry: _Entry, exc: BaseException) -> None:
+        with self._cond:
+            used_before = self._used(Tier.VRAM) - entry.vram_reserved
+            # Shrink so that the same combination is never tried again: next time others are evicted first.
+            self._vram_budget = max(0, min(int(self._vram_budget * 0.9), used_before + entry.ram_bytes - 1))
+            entry.on_device = True  # so that _offload restores every tensor, moved or not
+            self._offload(entry)
+            entry.drop_pending = True
+        torch.cuda.empty_cache()
+        logger.error(
+            "cache: out of device memory moving %s; VRAM budget now %.0f MiB",
+            entry.key,
+            self._vram_budget / MIB,
+        )
+        raise DeviceOutOfMemoryError(f"out of device memory loading {entry.key}: {exc}") from exc
