@@ -7,6 +7,7 @@ offload costs no device-to-host copy. A model in use is locked and is never evic
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -17,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import torch
@@ -30,17 +31,17 @@ T = TypeVar("T")
 MIB = 1024 * 1024
 
 
-class Tier(str, Enum):
+class Tier(StrEnum):
     RAM = "ram"
     VRAM = "vram"
 
 
 class CacheFullError(RuntimeError):
-    """Room for a model could not be made: it is larger than the budget, or every resident model stays locked."""
+    """No room for a model: it exceeds the budget, or every resident model stays locked."""
 
 
 class DeviceOutOfMemoryError(RuntimeError):
-    """The device ran out of memory while a model moved onto it; the model was dropped and the job must fault."""
+    """The device ran out of memory while a model moved onto it: the model was dropped; the job faults."""
 
 
 # --- budgets -------------------------------------------------------------------------------------------
@@ -60,7 +61,9 @@ def leave_free_bytes(spec: str | int | float, total_bytes: int) -> int:
     return int(value * MIB)
 
 
-def memory_budget(spec: str | int | float, *, total_bytes: int, available_bytes: int, held_bytes: int = 0) -> int:
+def memory_budget(
+    spec: str | int | float, *, total_bytes: int, available_bytes: int, held_bytes: int = 0
+) -> int:
     """Bytes a cache may hold so that at least `spec` of memory stays free.
 
     Pure: `available_bytes` is what the system reports free now; `held_bytes` is what this cache already holds
@@ -119,10 +122,8 @@ def _release_freed_memory() -> None:
     # Dropped models sit in reference cycles (pipelines <-> hooks); collect them, then ask glibc to return
     # freed arenas to the system, else RSS never goes down after an eviction.
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass(eq=False)
@@ -232,7 +233,8 @@ class ModelCache:
         budget = self._budget(tier)
         if nbytes > budget:
             raise CacheFullError(
-                f"a model of {nbytes / MIB:.0f} MiB does not fit the {tier.value} budget of {budget / MIB:.0f} MiB"
+                f"a model of {nbytes / MIB:.0f} MiB does not fit "
+                f"the {tier.value} budget of {budget / MIB:.0f} MiB"
             )
         deadline = time.monotonic() + self._wait_timeout
         evicted = False
@@ -329,7 +331,9 @@ class ModelCache:
             self._cond.notify_all()
         if evicted:
             _release_freed_memory()
-        logger.info("cache: loaded %s (%.0f MiB) in %.2fs", entry.key, size / MIB, time.perf_counter() - started)
+        logger.info(
+            "cache: loaded %s (%.0f MiB) in %.2fs", entry.key, size / MIB, time.perf_counter() - started
+        )
         return entry
 
     def _release(self, entry: _Entry) -> None:

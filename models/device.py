@@ -36,7 +36,7 @@ class DevicePolicy:
         return self.device.type == "cuda"
 
     def generator(self, seed: int) -> torch.Generator:
-        # A CPU generator gives the same initial noise on every device, so a seed reproduces an image anywhere.
+        # A CPU generator gives the same noise on every device: a seed reproduces an image anywhere.
         return torch.Generator("cpu").manual_seed(int(seed))
 
     def vram_bytes(self) -> tuple[int, int]:

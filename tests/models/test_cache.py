@@ -36,7 +36,14 @@ def make_cache(budget_mib: int, **kw) -> ModelCache:
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("80%", int(0.8 * 24 * GIB)), ("0%", 0), ("4096", 4 * GIB), (4096, 4 * GIB), ("512MB", 512 * MIB), (" 1.5 ", int(1.5 * MIB))],
+    [
+        ("80%", int(0.8 * 24 * GIB)),
+        ("0%", 0),
+        ("4096", 4 * GIB),
+        (4096, 4 * GIB),
+        ("512MB", 512 * MIB),
+        (" 1.5 ", int(1.5 * MIB)),
+    ],
 )
 def test_leave_free_bytes_reads_percent_or_megabytes(spec, expected):
     assert leave_free_bytes(spec, 24 * GIB) == expected
@@ -50,10 +57,14 @@ def test_leave_free_bytes_rejects_nonsense(spec):
 
 def test_memory_budget_leaves_the_requested_share_free():
     # 24 GiB machine, 20 GiB available, keep 80% (19.2 GiB) free -> 0.8 GiB for models.
-    assert memory_budget("80%", total_bytes=24 * GIB, available_bytes=20 * GIB) == 20 * GIB - int(0.8 * 24 * GIB)
+    assert memory_budget("80%", total_bytes=24 * GIB, available_bytes=20 * GIB) == 20 * GIB - int(
+        0.8 * 24 * GIB
+    )
     assert memory_budget("4096", total_bytes=24 * GIB, available_bytes=20 * GIB) == 16 * GIB
     # Memory the cache already holds comes back on eviction, so it counts as usable.
-    assert memory_budget("4096", total_bytes=24 * GIB, available_bytes=10 * GIB, held_bytes=6 * GIB) == 12 * GIB
+    assert (
+        memory_budget("4096", total_bytes=24 * GIB, available_bytes=10 * GIB, held_bytes=6 * GIB) == 12 * GIB
+    )
     # Never negative, never above the machine's total.
     assert memory_budget("90%", total_bytes=24 * GIB, available_bytes=2 * GIB) == 0
     assert memory_budget("0", total_bytes=8 * GIB, available_bytes=8 * GIB, held_bytes=4 * GIB) == 8 * GIB

@@ -30,7 +30,9 @@ def test_generator_is_a_seeded_cpu_generator():
     g1, g2 = policy.generator(1234), policy.generator(1234)
     assert g1.device == torch.device("cpu")
     assert torch.equal(torch.randn(8, generator=g1), torch.randn(8, generator=g2))
-    assert not torch.equal(torch.randn(8, generator=policy.generator(1)), torch.randn(8, generator=policy.generator(2)))
+    assert not torch.equal(
+        torch.randn(8, generator=policy.generator(1)), torch.randn(8, generator=policy.generator(2))
+    )
 
 
 def test_policy_is_immutable():
