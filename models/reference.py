@@ -1,0 +1,549 @@
+"""The AI Horde's model reference: fetched, cached on disk, merged with local custom models, queried.
+
+Both shapes of the horde's files are read: checkpoint records (`config.files` / `config.download`, as in
+`stable_diffusion.json` and the sibling files) and diffusers records (`hf_path`, as in `diffusers-2023.json`).
+Meta entries of the legacy AI-Horde-Worker and of horde-worker-reGen (`TOP n`, `ALL SFW`, ...) resolve here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_UPSTREAM = "https://raw.githubusercontent.com/Haidra-Org/AI-Horde-image-model-reference/main"
+
+# Order matters only for logs; generation files first.
+REFERENCE_FILES: tuple[str, ...] = (
+    "stable_diffusion",
+    "diffusers",
+    "esrgan",
+    "gfpgan",
+    "codeformer",
+    "blip",
+    "clip",
+    "safety_checker",
+    "controlnet",
+    "miscellaneous",
+)
+GENERATION_CATEGORIES: frozenset[str] = frozenset({"stable_diffusion", "diffusers"})
+
+BASELINE_SD15 = "stable diffusion 1"
+BASELINE_SD21 = "stable diffusion 2"
+BASELINE_SDXL = "stable_diffusion_xl"
+
+# Keys mapped onto ModelRecord fields; everything else in an entry lands in `extra`.
+_KNOWN_KEYS = frozenset(
+    {
+        "name",
+        "type",
+        "baseline",
+        "inpainting",
+        "style",
+        "nsfw",
+        "description",
+        "version",
+        "config",
+        "hf_path",
+        "features_not_supported",
+        "requirements",
+        "tags",
+        "trigger",
+        "size_on_disk_bytes",
+        "available",
+    }
+)
+
+
+class FileSpec(BaseModel):
+    """One file a model needs; `path` is relative to the model's directory."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    sha256sum: str | None = None
+    md5sum: str | None = None
+
+    @field_validator("sha256sum", "md5sum", mode="before")
+    @classmethod
+    def _normalise_hash(cls, value: Any) -> str | None:
+        # The reference mixes upper and lower case hex; "" means "no hash".
+        if value is None or str(value).strip() == "":
+            return None
+        return str(value).strip().lower()
+
+
+class DownloadSpec(BaseModel):
+    """Where one file comes from; `file_path` is a sub-directory of the model's directory ("" mostly)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file_name: str
+    file_path: str = ""
+    file_url: str = ""
+
+    @field_validator("file_path", "file_url", mode="before")
+    @classmethod
+    def _none_to_empty(cls, value: Any) -> str:
+        return "" if value is None else str(value)
+
+    @property
+    def relative_path(self) -> str:
+        """The path of the file inside the model's directory, comparable with `FileSpec.path`."""
+        return (
+            f"{self.file_path.strip('/')}/{self.file_name}" if self.file_path.strip("/") else self.file_name
+        )
+
+
+class ModelRecord(BaseModel):
+    """One entry of any reference file. Tolerant: any optional key may be missing or null."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    type: str = ""
+    baseline: str | None = None
+    inpainting: bool = False
+    style: str | None = None
+    nsfw: bool = False
+    description: str | None = None
+    version: str | None = None
+    files: list[FileSpec] = Field(default_factory=list)
+    downloads: list[DownloadSpec] = Field(default_factory=list)
+    hf_path: str | None = None
+    features_not_supported: list[str] = Field(default_factory=list)
+    requirements: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    trigger: list[str] = Field(default_factory=list)
+    size_on_disk_bytes: int | None = None
+    available: bool | None = None
+    category: str = "stable_diffusion"
+    # Set for records read from an operator's local file: relative `files[].path` resolve against it.
+    base_dir: Path | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("inpainting", "nsfw", mode="before")
+    @classmethod
+    def _none_false(cls, value: Any) -> bool:
+        return bool(value) if value is not None else False
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type_str(cls, value: Any) -> str:
+        return "" if value is None else str(value)
+
+    @field_validator("version", "baseline", "style", "description", "hf_path", mode="before")
+    @classmethod
+    def _optional_str(cls, value: Any) -> str | None:
+        # Some entries carry numeric versions (1.5); the horde treats them as strings.
+        return None if value is None else str(value)
+
+    @field_validator("features_not_supported", "tags", "trigger", mode="before")
+    @classmethod
+    def _str_list(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list | tuple):
+            return []  # garbage in an optional list must not cost the whole model
+        return [str(v) for v in value]
+
+    @field_validator("requirements", mode="before")
+    @classmethod
+    def _dict_or_empty(cls, value: Any) -> dict[str, Any]:
+        return dict(value) if isinstance(value, Mapping) else {}
+
+    @field_validator("size_on_disk_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    @classmethod
+    def from_entry(
+        cls, key: str, raw: Mapping[str, Any], *, category: str, base_dir: Path | None = None
+    ) -> ModelRecord:
+        """Build a record from one reference entry; the dict key is the canonical name (the horde's)."""
+        config = raw.get("config") or {}
+        files = [f for f in (config.get("files") or []) if isinstance(f, Mapping) and f.get("path")]
+        downloads = [
+            d for d in (config.get("download") or []) if isinstance(d, Mapping) and d.get("file_name")
+        ]
+        if raw.get("name") not in (None, key):
+            # The server indexes by key (e.g. control_qr_sdxl whose name says control_qr_xl).
+            logger.debug("reference entry %r names itself %r; using the key", key, raw.get("name"))
+        data = {k: v for k, v in raw.items() if k in _KNOWN_KEYS and k != "config"}
+        extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
+        config_extra = {k: v for k, v in config.items() if k not in ("files", "download")}
+        if config_extra:
+            extra["config"] = config_extra
+        data.update(
+            name=key, files=files, downloads=downloads, category=category, base_dir=base_dir, extra=extra
+        )
+        return cls.model_validate(data)
+
+
+def parse_reference(
+    data: Mapping[str, Any], *, category: str, base_dir: Path | None = None, source: str = "<memory>"
+) -> dict[str, ModelRecord]:
+    """Parse one reference file's content; malformed entries are logged and left out, never fatal."""
+    records: dict[str, ModelRecord] = {}
+    for key, raw in data.items():
+        if not isinstance(raw, Mapping):
+            logger.warning("reference %s: entry %r is not an object; ignored", source, key)
+            continue
+        entry_category = str(raw.get("category") or category)
+        try:
+            records[key] = ModelRecord.from_entry(key, raw, category=entry_category, base_dir=base_dir)
+        except ValidationError as exc:
+            logger.warning("reference %s: entry %r is malformed (%s); ignored", source, key, exc)
+    return records
+
+
+def category_for_file(path: Path) -> str:
+    """The category a local reference file contributes to, from its stem (`diffusers-2023` → diffusers)."""
+    stem = path.stem.lower().replace("-", "_")
+    for known in REFERENCE_FILES:
+        if stem == known or stem.startswith(known + "_"):
+            return known
+    return "stable_diffusion"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _upstream_url(upstream: str, file: str) -> str:
+    if "{file}" in upstream:
+        return upstream.format(file=file)
+    return f"{upstream.rstrip('/')}/{file}.json"
+
+
+@dataclass
+class ResolvedModels:
+    """The outcome of resolving `models_to_load`: real names in load order, plus what went wrong."""
+
+    names: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+_TOP_RE = re.compile(r"^(top|bottom)\s+(\d+)$", re.IGNORECASE)
+# "ALL", "ALL MODELS", "ALL SFW", "ALL ANIME MODELS", ...: the selector is what sits between.
+_ALL_RE = re.compile(r"^all(?:\s+(?P<selector>.*?))?\s*$", re.IGNORECASE)
+_MODELS_SUFFIX_RE = re.compile(r"(?:^|\s+)models?$", re.IGNORECASE)
+
+
+class ModelReference:
+    """All records of all reference files, keyed by canonical name."""
+
+    def __init__(self, records: Mapping[str, ModelRecord]) -> None:
+        self._records: dict[str, ModelRecord] = dict(records)
+        self._by_lower: dict[str, str] = {name.lower(): name for name in self._records}
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        *,
+        cache_dir: Path,
+        upstream: str | None = DEFAULT_UPSTREAM,
+        extra_files: Sequence[Path] = (),
+        session: requests.Session | None = None,
+        timeout: float = 10.0,
+    ) -> ModelReference:
+        """Fetch each reference file (cached atomically), fall back to the cache when offline, then let
+        the operator's local files add or override models. `upstream=None` reads the cache only."""
+        cache_dir = Path(cache_dir)
+        records: dict[str, ModelRecord] = {}
+        own_session = session is None and upstream is not None
+        http = session if session is not None else (requests.Session() if upstream is not None else None)
+        try:
+            for file in REFERENCE_FILES:
+                data = cls._fetch_or_cache(file, cache_dir, upstream, http, timeout)
+                if data is not None:
+                    records.update(parse_reference(data, category=file, source=f"{file}.json"))
+        finally:
+            if own_session and http is not None:
+                http.close()
+        for path in extra_files:
+            records.update(cls._read_local(Path(path), known=records))
+        logger.info(
+            "model reference: %d records (%d generation models)",
+            len(records),
+            sum(r.category in GENERATION_CATEGORIES for r in records.values()),
+        )
+        return cls(records)
+
+    @staticmethod
+    def _fetch_or_cache(
+        file: str, cache_dir: Path, upstream: str | None, http: requests.Session | None, timeout: float
+    ) -> dict[str, Any] | None:
+        cached = cache_dir / f"{file}.json"
+        if upstream is not None and http is not None:
+            url = _upstream_url(upstream, file)
+            try:
+                response = http.get(url, timeout=timeout)
+                response.raise_for_status()
+                data = response.json()
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                _atomic_write_text(cached, json.dumps(data, indent=1))
+                return data
+            except (requests.RequestException, ValueError) as exc:
+                if cached.exists():
+                    age_h = (time.time() - cached.stat().st_mtime) / 3600
+                    logger.warning(
+                        "model reference %s.json: upstream unreachable (%s); using the cached "
+                        "copy %s (%.1f h old)",
+                        file,
+                        exc,
+                        cached,
+                        age_h,
+                    )
+                else:
+                    logger.warning(
+                        "model reference %s.json: upstream unreachable (%s) and no cached copy "
+                        "at %s; its models are unknown",
+                        file,
+                        exc,
+                        cached,
+                    )
+        if not cached.exists():
+            if upstream is None:
+                logger.debug("model reference %s.json: offline and not cached", file)
+            return None
+        try:
+            data = json.loads(cached.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("model reference cache %s is unreadable (%s); ignored", cached, exc)
+            return None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def _read_local(path: Path, *, known: Mapping[str, ModelRecord]) -> dict[str, ModelRecord]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.error("custom model reference %s is unreadable (%s); ignored", path, exc)
+            return {}
+        if not isinstance(data, dict):
+            logger.error("custom model reference %s is not a JSON object; ignored", path)
+            return {}
+        base_dir = path.resolve().parent
+        parsed = parse_reference(data, category=category_for_file(path), base_dir=base_dir, source=str(path))
+        for name in parsed:
+            verb = "overrides" if name in known else "adds"
+            logger.info("custom model reference %s %s model %r", path, verb, name)
+        return parsed
+
+    # ---- queries -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.canonical(name) is not None
+
+    def records(self, category: str | None = None) -> list[ModelRecord]:
+        return [r for r in self._records.values() if category is None or r.category == category]
+
+    def generation_models(self) -> list[ModelRecord]:
+        """Records a worker can advertise in `generate/pop` (checkpoints and diffusers)."""
+        return [r for r in self._records.values() if r.category in GENERATION_CATEGORIES]
+
+    def canonical(self, name: str) -> str | None:
+        """The canonical spelling of `name` (exact first, then case-insensitive), or None."""
+        if name in self._records:
+            return name
+        return self._by_lower.get(name.strip().lower())
+
+    def get(self, name: str) -> ModelRecord:
+        canonical = self.canonical(name)
+        if canonical is None:
+            raise KeyError(name)
+        return self._records[canonical]
+
+    def names(self, category: str | None = None) -> list[str]:
+        return [r.name for r in self.records(category)]
+
+    @staticmethod
+    def is_depth(record: ModelRecord) -> bool:
+        return (record.style or "").lower() == "depth2img"
+
+    @staticmethod
+    def is_inpainting(record: ModelRecord) -> bool:
+        # The 2023 diffusers entry marks inpainting by style only.
+        return record.inpainting or (record.style or "").lower() == "inpainting"
+
+    # ---- meta entries --------------------------------------------------------------------------------
+    def resolve(
+        self,
+        models_to_load: Sequence[str],
+        models_to_skip: Sequence[str],
+        *,
+        model_stats: Callable[[], dict] | None = None,
+        max_models: int | None = None,
+    ) -> ResolvedModels:
+        """Expand meta entries and names into canonical generation model names, minus the skip list."""
+        warnings: list[str] = []
+        stats_cache: list[dict] = []
+
+        def stats() -> dict | None:
+            if not stats_cache:
+                if model_stats is None:
+                    return None
+                try:
+                    stats_cache.append(model_stats() or {})
+                except Exception as exc:  # a stats outage must not stop the worker from starting
+                    warnings.append(f"model stats unavailable ({exc}); TOP/BOTTOM entries resolve to nothing")
+                    stats_cache.append({})
+            return stats_cache[0]
+
+        wanted = self._expand_all(models_to_load, stats, warnings, "models_to_load")
+        skipped = set(self._expand_all(models_to_skip, stats, warnings, "models_to_skip"))
+        names = [n for n in dict.fromkeys(wanted) if n not in skipped]
+        if max_models is not None and len(names) > max_models:
+            warnings.append(f"{len(names)} models resolved; keeping the first {max_models} (max_models)")
+            names = names[:max_models]
+        for message in warnings:
+            logger.warning("models: %s", message)
+        return ResolvedModels(names=names, warnings=warnings)
+
+    def _expand_all(
+        self, entries: Iterable[str], stats: Callable[[], dict | None], warnings: list[str], where: str
+    ) -> list[str]:
+        out: list[str] = []
+        for entry in entries:
+            expanded = self._expand(str(entry).strip(), stats, warnings, where)
+            if expanded is None:
+                warnings.append(f"{where}: unknown model or meta entry {entry!r}")
+            else:
+                out.extend(expanded)
+        return out
+
+    def _expand(
+        self, entry: str, stats: Callable[[], dict | None], warnings: list[str], where: str
+    ) -> list[str] | None:
+        """Names for one entry, or None when it is neither a known model nor a meta entry."""
+        canonical = self.canonical(entry)
+        if canonical is not None:
+            if self._records[canonical].category not in GENERATION_CATEGORIES:
+                warnings.append(
+                    f"{where}: {entry!r} is a {self._records[canonical].category} model, "
+                    "not a generation model"
+                )
+                return []
+            return [canonical]
+        generation = self.generation_models()
+        top = _TOP_RE.match(entry)
+        if top:
+            month = self._monthly_counts(stats(), warnings, entry)
+            return self._ranked(generation, month, int(top.group(2)), top=top.group(1).lower() == "top")
+        meta = _ALL_RE.match(entry)
+        if meta is None:
+            return None
+        selector = _MODELS_SUFFIX_RE.sub("", (meta.group("selector") or "").strip()).strip().lower()
+        predicate = self._selector(selector)
+        if predicate is None:
+            return None
+        return [r.name for r in generation if predicate(r)]
+
+    def _selector(self, selector: str) -> Callable[[ModelRecord], bool] | None:
+        fixed: dict[str, Callable[[ModelRecord], bool]] = {
+            "": lambda r: True,
+            "sfw": lambda r: not r.nsfw,
+            "nsfw": lambda r: r.nsfw,
+            "sd15": lambda r: r.baseline == BASELINE_SD15,
+            "sd21": lambda r: r.baseline == BASELINE_SD21,
+            "sdxl": lambda r: r.baseline == BASELINE_SDXL,
+            "inpainting": self.is_inpainting,
+        }
+        if selector in fixed:
+            return fixed[selector]
+        styles = {(r.style or "").lower() for r in self.generation_models()}
+        if selector in styles:
+            return lambda r: (r.style or "").lower() == selector
+        return None
+
+    def _monthly_counts(self, stats: dict | None, warnings: list[str], entry: str) -> dict[str, int]:
+        if stats is None:
+            warnings.append(f"{entry!r} needs the horde's model stats, which are not available")
+            return {}
+        period = stats.get("month") or stats.get("total") or {}
+        counts: dict[str, int] = {}
+        for name, count in period.items():
+            canonical = self.canonical(str(name))
+            if canonical is not None:
+                try:
+                    counts[canonical] = counts.get(canonical, 0) + int(count)
+                except (TypeError, ValueError):
+                    continue
+        return counts
+
+    @staticmethod
+    def _ranked(records: list[ModelRecord], counts: Mapping[str, int], n: int, *, top: bool) -> list[str]:
+        if not counts:
+            return []
+        # Unused models count 0 so BOTTOM n can name them; ties break by name for a stable result.
+        ranked = sorted(
+            records, key=lambda r: (-counts.get(r.name, 0) if top else counts.get(r.name, 0), r.name)
+        )
+        return [r.name for r in ranked[:n]]
+
+
+def dynamic_models(
+    queue_stats: Iterable[Mapping[str, Any]],
+    current: Iterable[str],
+    n: int,
+    *,
+    known: Iterable[str] | None = None,
+) -> list[str]:
+    """The `n` most-queued models of a `/api/v2/status/models` reply that are not already in `current`
+    (and, when `known` is given, that the reference knows). Ties break on jobs, then name."""
+    if n <= 0:
+        return []
+    have = {name.lower() for name in current}
+    allowed = {name.lower() for name in known} if known is not None else None
+    candidates: list[tuple[float, float, str]] = []
+    for entry in queue_stats:
+        name = entry.get("name")
+        if not isinstance(name, str) or name.lower() in have:
+            continue
+        if allowed is not None and name.lower() not in allowed:
+            continue
+        queued = _as_float(entry.get("queued"))
+        if queued <= 0:
+            continue
+        candidates.append((-queued, -_as_float(entry.get("jobs")), name))
+    return [name for _, _, name in sorted(candidates)[:n]]
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
