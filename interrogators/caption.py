@@ -1,0 +1,106 @@
+"""The caption form: BLIP (transformers) from a local folder, options from the horde payload."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from interrogators.common import module_place, option_float, option_int, rgb
+
+logger = logging.getLogger(__name__)
+
+# Bounds keep a requester from asking for minutes of beam search on a shared CPU; the defaults are those of
+# the legacy horde captioner (nataili's BLIP: 3 beams, 10..30 tokens, no repetition penalty).
+MAX_BEAMS = 8
+MAX_LENGTH = 100
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    num_beams: int = 3
+    min_length: int = 10
+    max_length: int = 30
+    # None: deterministic beam search. A value: nucleus sampling with that top_p (the legacy `sample` mode).
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any] | None) -> CaptionOptions:
+        options = payload or {}
+        max_length = option_int(options, "max_length", cls.max_length, 2, MAX_LENGTH)
+        top_p = option_float(options, "top_p", None, 0.01, 1.0)
+        return cls(
+            num_beams=option_int(options, "num_beams", cls.num_beams, 1, MAX_BEAMS),
+            min_length=option_int(options, "min_length", min(cls.min_length, max_length), 0, max_length),
+            max_length=max_length,
+            top_p=top_p,
+            repetition_penalty=float(option_float(options, "repetition_penalty", 1.0, 1.0, 3.0) or 1.0),
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        # max_length/min_length count BLIP's start token, as in the original BLIP code.
+        kwargs: dict[str, Any] = {
+            "num_beams": self.num_beams,
+            "min_length": self.min_length,
+            "max_length": self.max_length,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.top_p is not None:
+            kwargs.update(do_sample=True, top_p=self.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+
+@dataclass
+class BlipBundle:
+    """What the model cache holds for captioning: weights plus the processor that must travel with them."""
+
+    model: Any  # transformers.BlipForConditionalGeneration
+    processor: Any  # transformers.BlipProcessor
+
+    def torch_modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model}
+
+
+def load_blip(folder: Path, dtype: torch.dtype) -> BlipBundle:
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+    model = BlipForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True).eval()
+    return BlipBundle(model=model, processor=processor)
+
+
+class Captioner:
+    """`caption(image, payload)` -> {"caption": str}. Weights are loaded through the shared model cache on
+    first use and may be evicted between jobs."""
+
+    def __init__(self, folder: Path, *, cache: Any, dtype: torch.dtype = torch.float32) -> None:
+        self.folder = Path(folder)
+        self.key = f"interrogator:blip:{self.folder.name}"
+        self._cache = cache
+        self._dtype = dtype
+
+    def _load(self) -> BlipBundle:
+        return load_blip(self.folder, self._dtype)
+
+    def warm(self) -> None:
+        with self._cache.use(self.key, self._load):
+            pass
+
+    def caption(self, image: Image.Image, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+        settings = CaptionOptions.from_payload(options)
+        with self._cache.use(self.key, self._load) as bundle:
+            inputs = bundle.processor(images=rgb(image), return_tensors="pt")
+            device, dtype = module_place(bundle.model)
+            pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
+            with torch.inference_mode():
+                tokens = bundle.model.generate(pixel_values=pixel_values, **settings.generate_kwargs())
+            text = bundle.processor.decode(tokens[0], skip_special_tokens=True)
+        return {"caption": " ".join(text.split())}

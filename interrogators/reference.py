@@ -1,0 +1,49 @@
+"""Where the interrogation models come from and where their folders live.
+
+The horde's own `blip.json` and `clip.json` name Salesforce's and OpenAI's original `.pth`/`.pt` files, which
+need the BLIP and OpenAI-CLIP code bases to load. This bridge loads transformers-format folders instead, so it
+ships its own small reference, `interrogators/reference.json`, in the horde's sibling-file shape (readable by
+`models.reference.parse_reference`): one record per Hugging Face repo with the files transformers needs and
+their `resolve/main` download URLs. `horde_name` says which horde entry each replaces. Only the safety
+checker's weight hash is known (the horde lists the same file); the others carry no sha256, so the downloader
+must verify them by other means (e.g. the hub's X-Linked-ETag, which is the LFS sha256) and keep a sidecar.
+
+Nothing here touches the network: files are fetched by the model manager's downloader, never at run time.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+REFERENCE_PATH = Path(__file__).with_name("reference.json")
+
+CAPTION_LARGE = "blip-image-captioning-large"
+CAPTION_BASE = "blip-image-captioning-base"
+CLIP_L14 = "clip-vit-large-patch14"
+SAFETY_CHECKER = "stable-diffusion-safety-checker"
+
+# The reference category (and cache_home sub-folder) of each kind of interrogation model.
+CAPTION_KIND = "blip"
+CLIP_KIND = "clip"
+SAFETY_KIND = "safety_checker"
+
+
+@cache
+def reference_records() -> dict[str, dict[str, Any]]:
+    """The shipped reference: name -> raw record (horde sibling-file shape plus `category`, `local_dir`)."""
+    return json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
+
+
+def model_dir(models_dir: Path, kind: str, name: str) -> Path:
+    """The folder of one model: `<models_dir>/<kind>/<name>` (`/` in a name becomes `-`)."""
+    return Path(models_dir) / kind / name.replace("/", "-")
+
+
+def is_complete(folder: Path) -> bool:
+    """True when a folder has a config and weights: enough to try loading, without touching the weights."""
+    if not (folder / "config.json").is_file():
+        return False
+    return any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))
