@@ -79,10 +79,11 @@ def _read_sidecar(path: Path, stat: os.stat_result) -> str | None:
     return digest.lower() if isinstance(digest, str) else None
 
 
-def write_sidecar(path: Path, digest: str) -> None:
-    """Record `digest` as the sha256 of `path` as it is now (size + mtime); best effort."""
+def write_sidecar(path: Path, digest: str, *, stat_of: Path | None = None) -> None:
+    """Record `digest` as the sha256 of `path` as it is now (size + mtime; those of `stat_of` when given,
+    the file about to be renamed onto `path`); best effort."""
     try:
-        stat = path.stat()
+        stat = (stat_of or path).stat()
         body = json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.lower()})
         tmp = _sidecar(path).with_name(_sidecar(path).name + ".tmp")
         tmp.write_text(body, encoding="utf-8")
@@ -378,9 +379,10 @@ class Downloader:
                 f"{item.rel} from {item.url} has sha256 {digest}, the reference says {item.sha256}; "
                 "deleted the download"
             )
-        os.replace(part, item.target)
         if item.sha256 is not None:
-            write_sidecar(item.target, digest)
+            # Sidecar first: the rename keeps size and mtime, so the file is trusted the moment it appears.
+            write_sidecar(item.target, digest, stat_of=part)
+        os.replace(part, item.target)
 
     def _fetch_once(self, record: ModelRecord, item: _Item) -> str:
         """One request: resume the .part if any, stream the rest while hashing; return the sha256."""

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,9 @@ class DownloadSpec(BaseModel):
     @property
     def relative_path(self) -> str:
         """The path of the file inside the model's directory, comparable with `FileSpec.path`."""
-        return (
-            f"{self.file_path.strip('/')}/{self.file_name}" if self.file_path.strip("/") else self.file_name
-        )
+        # A leading "/" is kept: only local custom records may use absolute paths (checked on download).
+        folder = self.file_path.rstrip("/")
+        return f"{folder}/{self.file_name}" if folder else self.file_name
 
 
 class ModelRecord(BaseModel):
@@ -280,15 +280,12 @@ class ModelReference:
         the operator's local files add or override models. `upstream=None` reads the cache only."""
         cache_dir = Path(cache_dir)
         records: dict[str, ModelRecord] = {}
-        own_session = session is None and upstream is not None
         http = session if session is not None else (requests.Session() if upstream is not None else None)
         try:
-            for file in REFERENCE_FILES:
-                data = cls._fetch_or_cache(file, cache_dir, upstream, http, timeout)
-                if data is not None:
-                    records.update(parse_reference(data, category=file, source=f"{file}.json"))
+            for file, data in cls._fetch_all(cache_dir, upstream, http, timeout):
+                records.update(parse_reference(data, category=file, source=f"{file}.json"))
         finally:
-            if own_session and http is not None:
+            if session is None and http is not None:
                 http.close()
         for path in extra_files:
             records.update(cls._read_local(Path(path), known=records))
@@ -299,44 +296,54 @@ class ModelReference:
         )
         return cls(records)
 
+    @classmethod
+    def _fetch_all(
+        cls, cache_dir: Path, upstream: str | None, http: requests.Session | None, timeout: float
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        unreachable: Exception | None = None
+        for file in REFERENCE_FILES:
+            cached = cache_dir / f"{file}.json"
+            failure: Exception | None = unreachable
+            if upstream is not None and http is not None and unreachable is None:
+                try:
+                    yield file, cls._fetch(http, _upstream_url(upstream, file), cached, timeout)
+                    continue
+                except (requests.ConnectionError, requests.Timeout) as exc:
+                    # Offline: don't wait out one timeout per file.
+                    unreachable = failure = exc
+                except (requests.RequestException, ValueError) as exc:
+                    failure = exc
+            data = cls._read_cache(cached, failure if upstream is not None else None)
+            if data is not None:
+                yield file, data
+
     @staticmethod
-    def _fetch_or_cache(
-        file: str, cache_dir: Path, upstream: str | None, http: requests.Session | None, timeout: float
-    ) -> dict[str, Any] | None:
-        cached = cache_dir / f"{file}.json"
-        if upstream is not None and http is not None:
-            url = _upstream_url(upstream, file)
-            try:
-                response = http.get(url, timeout=timeout)
-                response.raise_for_status()
-                data = response.json()
-                if not isinstance(data, dict):
-                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-                _atomic_write_text(cached, json.dumps(data, indent=1))
-                return data
-            except (requests.RequestException, ValueError) as exc:
-                if cached.exists():
-                    age_h = (time.time() - cached.stat().st_mtime) / 3600
-                    logger.warning(
-                        "model reference %s.json: upstream unreachable (%s); using the cached "
-                        "copy %s (%.1f h old)",
-                        file,
-                        exc,
-                        cached,
-                        age_h,
-                    )
-                else:
-                    logger.warning(
-                        "model reference %s.json: upstream unreachable (%s) and no cached copy "
-                        "at %s; its models are unknown",
-                        file,
-                        exc,
-                        cached,
-                    )
+    def _fetch(http: requests.Session, url: str, cached: Path, timeout: float) -> dict[str, Any]:
+        response = http.get(url, timeout=timeout)
+        response.raise_for_status()
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        _atomic_write_text(cached, response.text)
+        return data
+
+    @staticmethod
+    def _read_cache(cached: Path, failure: Exception | None) -> dict[str, Any] | None:
+        """The cached copy; `failure` (why upstream was not used) is logged with what happens instead."""
         if not cached.exists():
-            if upstream is None:
-                logger.debug("model reference %s.json: offline and not cached", file)
+            if failure is not None:
+                logger.warning(
+                    "model reference %s: upstream unreachable (%s) and no cached copy at %s; "
+                    "its models are unknown",
+                    cached.name, failure, cached,
+                )  # fmt: skip
             return None
+        if failure is not None:
+            age_h = (time.time() - cached.stat().st_mtime) / 3600
+            logger.warning(
+                "model reference %s: upstream unreachable (%s); using the cached copy %s (%.1f h old)",
+                cached.name, failure, cached, age_h,
+            )  # fmt: skip
         try:
             data = json.loads(cached.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

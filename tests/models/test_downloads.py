@@ -302,6 +302,16 @@ def test_files_without_download_must_be_present(tmp_path: Path, downloader: Down
     assert (dest / "weights.bin").read_bytes() == b"tampered"  # an operator's file is never deleted
 
 
+def test_local_record_may_use_absolute_paths(tmp_path: Path, downloader: Downloader) -> None:
+    weights = tmp_path / "elsewhere" / "w.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(PAYLOAD)
+    data = {"config": {"files": [{"path": str(weights), "sha256sum": PAYLOAD_SHA}]}}
+    record = ModelRecord.from_entry("Abs", data, category="stable_diffusion", base_dir=tmp_path / "ref")
+    assert is_ready(record, model_dir(tmp_path / "cache", record))
+    assert downloader.ensure(record, model_dir(tmp_path / "cache", record)).ok
+
+
 def test_only_http_urls_and_no_escaping_paths(tmp_path: Path, downloader: Downloader) -> None:
     bad_url = ModelRecord.from_entry(
         "F",

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -74,7 +75,7 @@ def served_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield root, f"http://127.0.0.1:{server.server_address[1]}"
@@ -188,6 +189,21 @@ def test_upstream_is_cached_and_used_when_offline(
     # Files never cached (gfpgan here) say so instead of failing.
     assert any("no cached copy" in r.message and "gfpgan.json" in r.message for r in caplog.records)
     assert ModelReference.load(cache_dir=cache, upstream=None).names() == online.names()
+
+
+def test_silent_upstream_costs_one_timeout_not_one_per_file(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for file in REFERENCE_FILES:
+        shutil.copy(SUBSET, cache / f"{file}.json")
+    with socket.socket() as black_hole:  # accepts connections (backlog) and never answers
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(16)
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}"
+        reference = ModelReference.load(cache_dir=cache, upstream=url, timeout=0.3)
+        elapsed = time.monotonic() - started
+    assert "Yiffy" in reference and elapsed < 0.3 * 3
 
 
 def test_broken_upstream_reply_keeps_the_good_cache(tmp_path: Path, served_dir: tuple[Path, str]) -> None:
