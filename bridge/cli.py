@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-config", action="store_true",
                         help="print the resolved config (secrets masked), model list and warnings, then exit")
     parser.add_argument("--demo", action="store_true",
-                        help="offline demo: a local horde, sample requests of every kind, results in ./demo-output")
+                        help="offline demo: a local horde and sample requests; results in ./demo-output")
     parser.add_argument("--demo-output", type=Path, default=Path("demo-output"),
                         help="where --demo writes its results")
     parser.add_argument("--download-models", action="store_true",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from bridge.config import (
     ANONYMOUS_API_KEY,
@@ -87,7 +88,7 @@ def test_defaults_are_the_legacy_defaults():
 
 def test_config_is_frozen():
     config = build_config({}, environ={}).config
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         config.max_threads = 4  # type: ignore[misc]
 
 

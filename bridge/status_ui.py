@@ -1,0 +1,66 @@
+"""Periodic statistics in the log, and a live terminal status panel (rich) for interactive runs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from contextlib import AbstractContextManager, nullcontext
+
+from bridge.stats import Stats
+
+log = logging.getLogger("bridge.stats")
+
+
+class StatsReporter:
+    """Logs Stats.summary_line() every `every_s` seconds until stopped (0 disables it)."""
+
+    def __init__(self, stats: Stats, every_s: float):
+        self.stats = stats
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stats", daemon=True)
+
+    def __enter__(self) -> StatsReporter:
+        if self.every_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        log.info(self.stats.summary_line())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            log.info(self.stats.summary_line())
+
+
+def render(stats: Stats, title: str):
+    from rich.table import Table
+
+    snap = stats.snapshot()
+    table = Table(title=title, show_header=False, expand=False)
+    table.add_row("uptime", f"{snap.uptime_s / 60:.1f} min")
+    table.add_row("jobs / submits", f"{snap.jobs_done} / {snap.images_done}")
+    table.add_row("kudos", f"{snap.kudos:.1f} ({snap.kudos_per_hour:.0f}/h)")
+    table.add_row("jobs/hour", f"{snap.jobs_per_hour:.0f}")
+    table.add_row("faulted / dropped", f"{snap.faulted} / {snap.dropped}")
+    table.add_row("in flight", str(snap.in_flight))
+    table.add_row("last job", snap.last_job or "-")
+    return table
+
+
+def live_status(stats: Stats, *, enabled: bool, title: str = "AI Horde worker") -> AbstractContextManager:
+    """A rich Live panel when enabled and stdout is a terminal; otherwise nothing."""
+    if not enabled or not sys.stdout.isatty():
+        return nullcontext()
+    from rich.console import Console
+    from rich.live import Live
+
+    class _Renderable:
+        def __rich__(self):
+            return render(stats, title)
+
+    return Live(_Renderable(), console=Console(), refresh_per_second=1, transient=True)
