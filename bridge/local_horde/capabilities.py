@@ -1,0 +1,95 @@
+"""bridge_agent capability negotiation: `name:version:url` -> the set of features the horde will send.
+
+The horde grants features per bridge *name* and version; an unknown name gets none, which is how a real
+worker with a custom name ends up skipped (`bridge_version`) for img2img and post-processing jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REGEN = "AI Horde Worker reGen"
+LEGACY = "AI Horde Worker"
+
+_REGEN_V1 = {
+    "img2img",
+    "inpainting",
+    "karras",
+    "post-processing",
+    "GFPGAN",
+    "RealESRGAN_x4plus",
+    "RealESRGAN_x2plus",
+    "RealESRGAN_x4plus_anime_6B",
+    "NMKD_Siax",
+    "4x_AnimeSharp",
+    "CodeFormers",
+    "strip_background",
+    "r2",
+    "r2_source",
+    "clip_skip",
+    "controlnet",
+    "image_is_control",
+    "return_control_map",
+    "hires_fix",
+    "tiling",
+}
+_V13_POST = {
+    "4xNomos8kSC",
+    "4xLSDIRplus",
+    "4xNomosWebPhoto_RealPLKSR",
+    "4xNomos2_realplksr_dysample",
+    "4xNomos2_hq_dat2",
+    "2xModernSpanimationV1",
+    "GFPGANv1.3",
+    "RestoreFormer",
+}
+
+# version -> features added at that version (the horde takes the union of every entry <= the worker's).
+BRIDGE_CAPABILITIES: dict[str, dict[int, set[str]]] = {
+    REGEN: {
+        1: _REGEN_V1,
+        2: {"lora", "textual_inversion"},
+        3: {"lora_versions"},
+        5: {"extra_source_images"},
+        6: {"stable_cascade_2pass"},
+        7: {"qr_code", "extra_texts", "workflow"},
+        8: {"layer_diffuse"},
+        9: {"flux"},
+        13: _V13_POST,
+    },
+    # The contract documents only reGen's table; the legacy and web bridges get reGen's v1 core at any
+    # version, which is close enough for a stand-in (r2_source etc. are what matters to tests).
+    LEGACY: {1: _REGEN_V1},
+    "SD-WebUI Stable Horde Worker Bridge": {1: _REGEN_V1 - {"r2_source"}},
+    "HordeAutoWebBridge": {1: _REGEN_V1},
+}
+
+
+@dataclass(frozen=True)
+class BridgeAgent:
+    name: str
+    version: int
+    url: str
+    capabilities: frozenset[str]
+
+    def has(self, feature: str) -> bool:
+        return feature in self.capabilities
+
+
+def parse_bridge_agent(agent: str | None) -> BridgeAgent:
+    """`name:semver:url`; the url may contain colons. A version that does not parse counts as 0."""
+    parts = (agent or "unknown:0:unknown").split(":", 2)
+    name = parts[0]
+    raw_version = parts[1] if len(parts) > 1 else "0"
+    try:
+        version = int(raw_version.strip().split(".")[0])
+    except ValueError:
+        version = 0
+    table = BRIDGE_CAPABILITIES.get(name, {})
+    caps: set[str] = set()
+    for since, features in table.items():
+        if since <= version:
+            caps |= features
+    return BridgeAgent(
+        name=name, version=version, url=parts[2] if len(parts) > 2 else "", capabilities=frozenset(caps)
+    )

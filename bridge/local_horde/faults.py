@@ -1,0 +1,257 @@
+"""Fault kinds the local horde can inject, and the thread-safe injector that decides when they fire.
+
+All fault kinds live here so a test reads one small module to know what a worker may meet on the wire.
+A fault matches a request by an fnmatch pattern on the URL path (no query string), e.g.
+`/api/v2/generate/submit`, `*/pop`, `/r2/*`. Requests made by the LocalHorde's own requester helpers are
+never faulted, so a test's bookkeeping stays reliable while the worker side misbehaves.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import functools
+import logging
+import random
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+class FaultKind(enum.StrEnum):
+    STATUS = "status"  # answer with an HTTP error status (500/502/503/...) and a JSON body
+    RATE_LIMIT = "rate_limit"  # 429 with Retry-After, like flask-limiter
+    HANG = "hang"  # sleep before answering: the client's read timeout fires first
+    DROP = "drop"  # close the socket without writing any response
+    MALFORMED = "malformed"  # 200 with a body that is not valid JSON
+    EXPIRE = "expire"  # submit endpoints only: the job is aborted (ttl) just before the submit is handled
+
+
+@dataclass
+class Fault:
+    """One injected fault. `remaining` None means unlimited; `probability` draws from the injector's RNG.
+
+    `after=True` applies the request first and then loses/garbles the answer: the horde changed state but the
+    client cannot know (a retried submit then meets DuplicateGen).
+    """
+
+    kind: FaultKind
+    pattern: str
+    method: str | None = None
+    remaining: int | None = 1
+    probability: float = 1.0
+    status: int = 500
+    rc: str | None = None
+    message: str | None = None
+    retry_after: float = 1.0
+    hang_s: float = 5.0
+    after: bool = False
+    fired: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method and self.method.upper() != method.upper():
+            return False
+        return fnmatch.fnmatchcase(path, self.pattern)
+
+    def body(self) -> dict:
+        body: dict = {"message": self.message or _default_message(self.status)}
+        if self.rc:
+            body["rc"] = self.rc
+        return body
+
+
+def _default_message(status: int) -> str:
+    return {
+        500: "Internal Server Error",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+        504: "Gateway Timeout",
+    }.get(status, f"HTTP {status}")
+
+
+MALFORMED_BODY = b'{"payload": {"prompt": "a cat", "ddim_steps": 3'  # truncated mid-object on purpose
+
+
+@dataclass
+class FiredFault:
+    kind: FaultKind
+    method: str
+    path: str
+
+
+@dataclass
+class FaultInjector:
+    """Per-endpoint faults plus global latency and an upload bandwidth cap. Thread-safe."""
+
+    seed: int = 0
+    latency_s: float = 0.0  # added to every API call (not to the object store)
+    upload_bandwidth: float | None = None  # bytes/s cap on PUTs to the object store
+    faults: list[Fault] = field(default_factory=list)
+    history: list[FiredFault] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rng = random.Random(self.seed)
+
+    # ---- adding faults -------------------------------------------------------------------------------
+    def add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _new(
+        self, kind: FaultKind, pattern: str, count: int | None, probability: float | None, **kw
+    ) -> Fault:
+        if probability is not None and count == 1:
+            count = None  # a probability with the default count means "keep drawing"
+        return self.add(
+            Fault(
+                kind=kind,
+                pattern=pattern,
+                remaining=count,
+                probability=1.0 if probability is None else probability,
+                **kw,
+            )
+        )
+
+    def http_error(
+        self,
+        pattern: str,
+        status: int = 500,
+        *,
+        count: int | None = 1,
+        probability: float | None = None,
+        rc: str | None = None,
+        message: str | None = None,
+        method: str | None = None,
+        after: bool = False,
+    ) -> Fault:
+        return self._new(
+            FaultKind.STATUS,
+            pattern,
+            count,
+            probability,
+            status=status,
+            rc=rc,
+            message=message,
+            method=method,
+            after=after,
+        )
+
+    def rate_limit(
+        self,
+        pattern: str,
+        *,
+        retry_after: float = 1.0,
+        count: int | None = 1,
+        probability: float | None = None,
+        method: str | None = None,
+    ) -> Fault:
+        return self._new(
+            FaultKind.RATE_LIMIT,
+            pattern,
+            count,
+            probability,
+            status=429,
+            retry_after=retry_after,
+            method=method,
+        )
+
+    def hang(
+        self,
+        pattern: str,
+        seconds: float,
+        *,
+        count: int | None = 1,
+        probability: float | None = None,
+        method: str | None = None,
+        after: bool = False,
+    ) -> Fault:
+        return self._new(
+            FaultKind.HANG, pattern, count, probability, hang_s=seconds, method=method, after=after
+        )
+
+    def drop(
+        self,
+        pattern: str,
+        *,
+        count: int | None = 1,
+        probability: float | None = None,
+        method: str | None = None,
+        after: bool = False,
+    ) -> Fault:
+        return self._new(FaultKind.DROP, pattern, count, probability, method=method, after=after)
+
+    def malformed(
+        self,
+        pattern: str,
+        *,
+        count: int | None = 1,
+        probability: float | None = None,
+        method: str | None = None,
+        after: bool = False,
+    ) -> Fault:
+        return self._new(FaultKind.MALFORMED, pattern, count, probability, method=method, after=after)
+
+    def expire_on_submit(
+        self, pattern: str = "*/submit", *, count: int | None = 1, probability: float | None = None
+    ) -> Fault:
+        """The next matching submit finds its job already aborted by the ttl reaper (AbortedGen)."""
+        return self._new(FaultKind.EXPIRE, pattern, count, probability, method="POST")
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+            self.latency_s = 0.0
+            self.upload_bandwidth = None
+
+    # ---- firing --------------------------------------------------------------------------------------
+    def take(self, method: str, path: str, *, kinds: tuple[FaultKind, ...] | None = None) -> Fault | None:
+        """The first matching fault that fires for this request (consuming one of its count), or None."""
+        with self._lock:
+            for fault in self.faults:
+                if kinds is not None and fault.kind not in kinds:
+                    continue
+                if fault.remaining is not None and fault.remaining <= 0:
+                    continue
+                if not fault.matches(method, path):
+                    continue
+                if fault.probability < 1.0 and self._rng.random() >= fault.probability:
+                    continue
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                fault.fired += 1
+                self.history.append(FiredFault(fault.kind, method, path))
+                logger.info("local horde: injecting %s on %s %s", fault.kind.value, method, path)
+                return fault
+        return None
+
+    def fired(self, kind: FaultKind | None = None) -> list[FiredFault]:
+        with self._lock:
+            return [f for f in self.history if kind is None or f.kind == kind]
+
+
+@functools.lru_cache(maxsize=4)
+def huge_image_bytes(width: int = 20000, height: int = 20000) -> bytes:
+    """A complete, valid 1-bit PNG with huge dimensions but a small file: a decompression-bomb-shaped source.
+
+    Written by hand (zlib over zero rows) so building it never holds the decoded image in memory.
+    """
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale, no interlace
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed pixels
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row * min(256, height - i)) for i in range(0, height, 256)]
+    parts.append(comp.flush())
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+CORRUPT_IMAGE_BYTES = b"RIFF\x00\x10\x00\x00WEBPVP8 this is not really an image"

@@ -1,0 +1,187 @@
+"""The horde's rules as pure functions: defaults, seeds, ttl, kudos, and which worker may take which job."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import TYPE_CHECKING, Any
+
+from bridge.local_horde.state import ApiError, Worker
+
+if TYPE_CHECKING:
+    from bridge.local_horde.generation import GenRequest
+
+SLOW_SAMPLERS = ("k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde")
+UPSCALERS = (
+    "RealESRGAN_x4plus",
+    "RealESRGAN_x2plus",
+    "RealESRGAN_x4plus_anime_6B",
+    "NMKD_Siax",
+    "4x_AnimeSharp",
+    "4xNomos8kSC",
+    "4xLSDIRplus",
+    "4xNomosWebPhoto_RealPLKSR",
+    "4xNomos2_realplksr_dysample",
+    "4xNomos2_hq_dat2",
+    "2xModernSpanimationV1",
+)
+_USERNAME = re.compile(r"^.+#\d+$")
+
+
+def fill_generation_defaults(params: dict[str, Any]) -> None:
+    """What the server fills in before queueing (not the swagger defaults an idle pop shows)."""
+    params.setdefault("width", 512)
+    params.setdefault("height", 512)
+    steps = params.setdefault("steps", 20 if params.get("control_type") else 30)
+    if params.get("control_type"):
+        params["steps"] = min(steps, 40)
+    params.setdefault("sampler_name", "k_euler_a")
+    params.setdefault("cfg_scale", 5.0)
+    params.setdefault("karras", True)
+    for key in ("tiling", "hires_fix", "image_is_control", "return_control_map", "transparent"):
+        params.setdefault(key, False)
+
+
+def resolve_seed(seed: str | None, rng: random.Random) -> int | None:
+    """A requester's seed string as the int the horde uses; None means a random seed per image."""
+    if seed is None or seed == "":
+        return None
+    if seed.isdigit():
+        return int(seed) % 2**32
+    return int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 2**32
+
+
+def check_priority_usernames(names: list[str]) -> None:
+    for name in names:
+        if not _USERNAME.match(name):
+            raise ApiError(
+                400,
+                f"Priority usernames need to be in the form of 'alias#id'. '{name}' is not.",
+                "InvalidPriorityUsername",
+            )
+
+
+def pick_model(requested: list[str], served: list[str]) -> str:
+    if not requested:
+        return served[0]
+    return next(m for m in requested if m in served)
+
+
+def job_ttl(params: dict[str, Any], settings: dict[str, Any]) -> float:
+    steps = params["steps"]
+    if params["sampler_name"] in SLOW_SAMPLERS:
+        steps *= 2
+    elif params["sampler_name"] == "k_dpm_adaptive":
+        steps = 40
+    ttl = max(150.0, 30 + steps * 2 * (params["width"] * params["height"] / 512**2))
+    if params.get("control_type"):
+        ttl *= 2
+    if settings.get("extra_slow_worker"):
+        ttl *= 3
+    return ttl
+
+
+def image_kudos(params: dict[str, Any]) -> float:
+    """The contract's fallback formula (the real server uses an MLP; this is a plausible stand-in)."""
+    steps, pixels = params["steps"], params["width"] * params["height"]
+    kudos = (
+        0.1232 * steps + ((max(pixels - 4096, 0)) ** 1.75 / (1024**2 - 4096) ** 1.75) * 0.1232 * steps * 8.75
+    )
+    kudos *= 1.2 ** len(params.get("post_processing") or [])
+    if params.get("control_type"):
+        kudos *= 3
+    kudos += 3 * len(params.get("loras") or [])
+    if params.get("tis"):
+        kudos += 1
+    return kudos
+
+
+def maintenance_error(worker: Worker) -> ApiError:
+    msg = worker.maintenance_msg or "This worker has been put into maintenance mode by its owner"
+    return ApiError(403, f"Worker {worker.name} is in maintenance mode: {msg}", "WorkerMaintenance")
+
+
+def _bridge_lacks(worker: Worker, req: GenRequest) -> bool:
+    """True when the bridge's name/version does not grant a feature this request needs."""
+    p, has = req.params, worker.agent.has
+    needs: list[str] = []
+    if req.source_key:
+        needs.append("img2img")
+        if req.source_processing in ("inpainting", "outpainting"):
+            needs.append("inpainting")
+    if p.get("post_processing"):
+        needs += ["post-processing", *p["post_processing"]]
+    for flag in ("tiling", "hires_fix", "return_control_map", "image_is_control"):
+        if p.get(flag):
+            needs.append(flag)
+    if (p.get("clip_skip") or 1) > 1:
+        needs.append("clip_skip")
+    if p.get("control_type"):
+        needs.append("controlnet")
+    if p.get("loras"):
+        needs.append("lora")
+        if any(lora.get("is_version") for lora in p["loras"]):
+            needs.append("lora_versions")
+    if p.get("tis"):
+        needs.append("textual_inversion")
+    if req.extra_sources:
+        needs.append("extra_source_images")
+    if p.get("workflow"):
+        needs.append("workflow")
+    if p.get("extra_texts"):
+        needs.append("extra_texts")
+    return any(not has(feature) for feature in needs)
+
+
+def generation_skip_reason(worker: Worker, req: GenRequest) -> str | None:
+    """The `skipped` key this worker counts for this request, or None when it may take it."""
+    s, p = worker.settings, req.params
+    if req.workers and worker.id not in req.workers:
+        return "worker_id"
+    if req.nsfw and not s["nsfw"]:
+        return "nsfw"
+    prompt = req.prompt.lower()
+    if any(word.lower() in prompt for word in s["blacklist"] if word):
+        return "blacklist"
+    if req.models and not any(m in worker.models for m in req.models):
+        return "models"
+    if p["width"] * p["height"] > s["max_pixels"]:
+        return "max_pixels"
+    if req.source_key and not s["allow_img2img"]:
+        return "img2img"
+    if req.source_key and req.source_processing in ("inpainting", "outpainting") and not s["allow_painting"]:
+        return "painting"
+    if p.get("post_processing") and not s["allow_post_processing"]:
+        return "post-processing"
+    if p.get("loras") and not s["allow_lora"]:
+        return "lora"
+    if p.get("control_type") and not s["allow_controlnet"]:
+        return "controlnet"
+    if _bridge_lacks(worker, req):
+        return "bridge_version"
+    return None
+
+
+def tiles(size: tuple[int, int] | None) -> int:
+    """512x512 tiles of an image (1 when its size is unknown)."""
+    if size is None:
+        return 1
+    w, h = size
+    return max(1, -(-w // 512)) * max(1, -(-h // 512))
+
+
+def form_kudos(form: str, n_tiles: int) -> float:
+    if form in ("caption", "nsfw"):
+        return 1.0
+    if form == "interrogation":
+        return 3.0
+    if form in UPSCALERS or form in (
+        "GFPGAN",
+        "CodeFormers",
+        "strip_background",
+        "GFPGANv1.3",
+        "RestoreFormer",
+    ):
+        return 3.0 * n_tiles
+    return 1.0
