@@ -24,6 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 logger = logging.getLogger(__name__)
 
 DEFAULT_UPSTREAM = "https://raw.githubusercontent.com/Haidra-Org/AI-Horde-image-model-reference/main"
+# The upstream files as of commit 46fdd9e (June 2026): used when neither upstream nor a cached copy is
+# available, so a first start offline still knows the horde's model names.
+SNAPSHOT_DIR = Path(__file__).with_name("reference_snapshot")
+SNAPSHOT_DATE = "June 2026"
 
 # Order matters only for logs; generation files first.
 REFERENCE_FILES: tuple[str, ...] = (
@@ -238,6 +242,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _short(exc: Exception) -> str:
+    """The first line of an exception, without urllib3's nested retry text."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) < 160 else text[:157] + "..."
+
+
 def _upstream_url(upstream: str, file: str) -> str:
     if "{file}" in upstream:
         return upstream.format(file=file)
@@ -313,7 +323,18 @@ class ModelReference:
                     unreachable = failure = exc
                 except (requests.RequestException, ValueError) as exc:
                     failure = exc
-            data = cls._read_cache(cached, failure if upstream is not None else None)
+            data = cls._read_cache(cached)
+            if data is None:
+                data = cls._read_cache(SNAPSHOT_DIR / f"{file}.json")
+                used = f"the worker's shipped snapshot ({SNAPSHOT_DATE})" if data is not None else "nothing"
+            else:
+                age_h = (time.time() - cached.stat().st_mtime) / 3600
+                used = f"the cached copy ({age_h:.1f} h old)"
+            first_or_odd = file == REFERENCE_FILES[0] or not used.startswith("the cached copy")
+            if failure is not None and (failure is not unreachable or first_or_odd):
+                # Offline: one line for the files served from the cache, one for each other fallback.
+                logger.warning("model reference %s.json: upstream unreachable (%s); using %s",
+                               file, _short(failure), used)
             if data is not None:
                 yield file, data
 
@@ -328,22 +349,10 @@ class ModelReference:
         return data
 
     @staticmethod
-    def _read_cache(cached: Path, failure: Exception | None) -> dict[str, Any] | None:
-        """The cached copy; `failure` (why upstream was not used) is logged with what happens instead."""
+    def _read_cache(cached: Path) -> dict[str, Any] | None:
+        """A cached (or shipped) copy of a reference file, None when absent or unreadable."""
         if not cached.exists():
-            if failure is not None:
-                logger.warning(
-                    "model reference %s: upstream unreachable (%s) and no cached copy at %s; "
-                    "its models are unknown",
-                    cached.name, failure, cached,
-                )  # fmt: skip
             return None
-        if failure is not None:
-            age_h = (time.time() - cached.stat().st_mtime) / 3600
-            logger.warning(
-                "model reference %s: upstream unreachable (%s); using the cached copy %s (%.1f h old)",
-                cached.name, failure, cached, age_h,
-            )  # fmt: skip
         try:
             data = json.loads(cached.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
