@@ -10,7 +10,15 @@ from typing import Any
 
 from bridge.local_horde import rules
 from bridge.local_horde.schema import INTERROGATE_POP, POST_PROCESSORS, validate
-from bridge.local_horde.state import ApiError, Registry, User, Worker, new_id, validation_error
+from bridge.local_horde.state import (
+    ApiError,
+    Registry,
+    User,
+    Worker,
+    missing_apikey,
+    new_id,
+    validation_error,
+)
 
 MAX_ABORTS = 3  # a form aborted this many times is marked faulted
 # Only these skipped keys survive the server's marshalling of an empty interrogation pop.
@@ -175,6 +183,8 @@ class AlchemyQueue:
         if isinstance(body, dict) and isinstance(body.get("id"), str):
             self.reg.accounting.submits.setdefault(body["id"], []).append(body)
         self._check_submit_body(body)
+        if api_key is None:
+            raise missing_apikey()  # the parser layer runs before any lookup
         job = self._submittable(body["id"], api_key)
         form = job.form
         if body.get("state", "ok") == "faulted":

@@ -12,7 +12,15 @@ from typing import Any
 
 from bridge.local_horde import rules
 from bridge.local_horde.schema import GENERATE_POP, GENERATE_SUBMIT, validate
-from bridge.local_horde.state import ApiError, Registry, User, Worker, new_id, validation_error
+from bridge.local_horde.state import (
+    ApiError,
+    Registry,
+    User,
+    Worker,
+    missing_apikey,
+    new_id,
+    validation_error,
+)
 
 MAX_RESTARTS = 3  # an image slot requeued this many times is given up (faulted)
 MAX_GEN_METADATA = 50
@@ -354,6 +362,8 @@ class GenerationQueue:
             raise validation_error(errors)
         if len(body.get("gen_metadata") or []) > MAX_GEN_METADATA:
             raise ApiError(400, f"Too many gen_metadata entries (max {MAX_GEN_METADATA}).", "BadRequest")
+        if api_key is None:
+            raise missing_apikey()  # the parser layer runs before any lookup
         job = self._submittable(body["id"], api_key)
         state = body.get("state", "ok")
         if state == "faulted":
