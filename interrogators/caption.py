@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,15 @@ class Captioner:
         self.key = f"interrogator:blip:{self.folder.name}"
         self._cache = cache
         self._dtype = dtype
+        # Seconds spent loading weights so far: jobs report the share of their run that was loading.
+        self.load_seconds = 0.0
 
     def _load(self) -> BlipBundle:
-        return load_blip(self.folder, self._dtype)
+        started = time.perf_counter()
+        try:
+            return load_blip(self.folder, self._dtype)
+        finally:
+            self.load_seconds += time.perf_counter() - started
 
     def warm(self) -> None:
         with self._cache.use(self.key, self._load):

@@ -87,6 +87,8 @@ class ClipInterrogator:
         self.terms_path = Path(terms_path)
         self._cache = cache
         self._dtype = dtype
+        # Seconds spent loading weights so far: jobs report the share of their run that was loading.
+        self.load_seconds = 0.0
         self._store = EmbeddingStore(embeddings_dir)
         self._model_id = model_fingerprint(self.folder)
         self._lists = self._read_lists()
@@ -108,7 +110,11 @@ class ClipInterrogator:
         self._lists = self._read_lists()
 
     def _load(self) -> ClipBundle:
-        return load_clip(self.folder, self._dtype)
+        started = time.perf_counter()
+        try:
+            return load_clip(self.folder, self._dtype)
+        finally:
+            self.load_seconds += time.perf_counter() - started
 
     def warm(self) -> None:
         """Load the model and make sure every category's embeddings exist: done at start, the first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,15 @@ class NsfwChecker:
         self.key = f"interrogator:safety_checker:{self.folder.name}"
         self._cache = cache
         self._dtype = dtype
+        # Seconds spent loading weights so far: jobs report the share of their run that was loading.
+        self.load_seconds = 0.0
 
     def _load(self) -> SafetyBundle:
-        return load_safety_checker(self.folder, self._dtype)
+        started = time.perf_counter()
+        try:
+            return load_safety_checker(self.folder, self._dtype)
+        finally:
+            self.load_seconds += time.perf_counter() - started
 
     def warm(self) -> None:
         with self._cache.use(self.key, self._load):

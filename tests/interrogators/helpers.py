@@ -1,0 +1,66 @@
+"""Shared by tests/interrogators and tests/bridge/jobs/test_alchemy.py: tiny models, images, a CPU cache."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from interrogators import InterrogatorSet, build_interrogators
+from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY, build_tiny_interrogators
+from models.cache import ModelCache
+from models.device import DevicePolicy
+
+ALL_FORMS = ("caption", "interrogation", "nsfw")
+
+
+def tiny_models_dir(factory: pytest.TempPathFactory) -> Path:
+    """One folder per test session, whichever module asks first builds it (building is idempotent)."""
+    dest = factory.getbasetemp() / "tiny-interrogators"
+    build_tiny_interrogators(dest)
+    return dest
+
+
+def cpu_cache() -> ModelCache:
+    return ModelCache(DevicePolicy.cpu(), ram_budget_bytes=2 << 30)
+
+
+def tiny_set(
+    models_dir: Path,
+    cache: ModelCache,
+    *,
+    forms=ALL_FORMS,
+    nsfw_model=TINY_SAFETY,
+    embeddings_dir: Path | None = None,
+    **kwargs,
+) -> InterrogatorSet:
+    return build_interrogators(
+        models_dir=models_dir,
+        cache=cache,
+        device=DevicePolicy.cpu(),
+        forms=forms,
+        caption_model=TINY_CAPTION,
+        clip_model=TINY_CLIP,
+        nsfw_model=nsfw_model,
+        embeddings_dir=embeddings_dir,
+        **kwargs,
+    )
+
+
+def picture(seed: int = 0, size: tuple[int, int] = (96, 64), mode: str = "RGB") -> Image.Image:
+    """A deterministic image with some structure (a gradient and a block), not a flat colour."""
+    image = Image.new("RGB", size)
+    pixels = image.load()
+    for x in range(size[0]):
+        for y in range(size[1]):
+            pixels[x, y] = ((x * 3 + seed * 40) % 256, (y * 4 + seed * 70) % 256, ((x + y) * 2) % 256)
+    image.paste((250 - seed * 30 % 250, 20, 90), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return image.convert(mode)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -1,0 +1,54 @@
+"""The shipped reference of transformers-format interrogation models, and the tiny models' records."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from interrogators.reference import (
+    CAPTION_BASE,
+    CAPTION_LARGE,
+    CLIP_L14,
+    SAFETY_CHECKER,
+    model_dir,
+    reference_records,
+)
+from interrogators.tiny import build_tiny_interrogators
+from models.reference import parse_reference
+
+
+def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None:
+    raw = reference_records()
+    assert set(raw) == {CAPTION_LARGE, CAPTION_BASE, CLIP_L14, SAFETY_CHECKER}
+    records = parse_reference(raw, category="blip", source="interrogators/reference.json")
+    assert set(records) == set(raw)
+    for name, record in records.items():
+        files = {f.path for f in record.files}
+        downloads = {d.relative_path: d.file_url for d in record.downloads}
+        assert files == set(downloads), name
+        assert {"config.json"} <= files and files & {"model.safetensors", "pytorch_model.bin"}
+        repo = raw[name]["hf_path"]
+        assert all(
+            url == f"https://huggingface.co/{repo}/resolve/main/{path}" for path, url in downloads.items()
+        )
+        assert raw[name]["local_dir"] == f"{record.category}/{name}"
+    assert records[CLIP_L14].category == "clip" and records[SAFETY_CHECKER].category == "safety_checker"
+    # The safety checker is the very file the horde lists: its hash is known.
+    assert records[SAFETY_CHECKER].files[-1].sha256sum == (
+        "64b8393f1afd5a0c1ed2aa5f341fa7c08286839a48f3743162a76a2835c808bd"
+    )
+
+
+def test_tiny_records_match_their_files_and_builds_are_idempotent(models_dir: Path) -> None:
+    records = build_tiny_interrogators(models_dir)  # already built by the session fixture: reused
+    for name, record in records.items():
+        folder = model_dir(models_dir, record["type"], name)
+        for spec in record["config"]["files"]:
+            assert hashlib.sha256((folder / spec["path"]).read_bytes()).hexdigest() == spec["sha256sum"]
+        assert {d["file_url"] for d in record["config"]["download"]} == {
+            (folder / f["path"]).resolve().as_uri() for f in record["config"]["files"]
+        }
+    weights = model_dir(models_dir, "clip", "tiny-clip") / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_tiny_interrogators(models_dir) == records
+    assert weights.stat().st_mtime_ns == stamp
