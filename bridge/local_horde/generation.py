@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import random
 import time
 from collections import Counter
@@ -309,7 +310,7 @@ class GenerationQueue:
             "id": ids[0],
             "ids": ids,
             "messages": [],
-            "ttl": int(ttl),
+            "ttl": math.ceil(ttl),
             "skipped": {},
             "model": jobs[0].model,
             "source_image": self._source(worker, req.source_key),

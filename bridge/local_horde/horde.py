@@ -66,7 +66,7 @@ class LocalHorde:
         self._transport.node = f"localhost:{port}:5.1.5"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name=f"local-horde-{port}",
             daemon=True,
         )

@@ -38,20 +38,18 @@ class WorkerClient:
     def post(self, route: str, body: Any, **kw: Any) -> requests.Response:
         return self.session.post(self.url + route, json=body, timeout=kw.pop("timeout", 5), **kw)
 
-    def pop_raw(self, **body: Any) -> requests.Response:
-        return self.post(
-            "/generate/pop", {"name": self.name, "bridge_agent": self.agent, "models": ["tiny-sd1"], **body}
-        )
+    def pop_raw(self, timeout: float = 5, **body: Any) -> requests.Response:
+        body = {"name": self.name, "bridge_agent": self.agent, "models": ["tiny-sd1"], **body}
+        return self.post("/generate/pop", body, timeout=timeout)
 
     def pop(self, **body: Any) -> dict[str, Any]:
         resp = self.pop_raw(**body)
         assert resp.status_code == 200, resp.text
         return resp.json()
 
-    def submit(self, job_id: str, seed: int = 1, **body: Any) -> requests.Response:
-        return self.post(
-            "/generate/submit", {"id": job_id, "generation": "R2", "state": "ok", "seed": seed, **body}
-        )
+    def submit(self, job_id: str, seed: int = 1, timeout: float = 5, **body: Any) -> requests.Response:
+        body = {"id": job_id, "generation": "R2", "state": "ok", "seed": seed, **body}
+        return self.post("/generate/submit", body, timeout=timeout)
 
     def ipop(self, forms: list[str], **body: Any) -> dict[str, Any]:
         resp = self.post(
