@@ -84,7 +84,21 @@ class FiredFault:
 
 @dataclass
 class FaultInjector:
-    """Per-endpoint faults plus global latency and an upload bandwidth cap. Thread-safe."""
+    """Per-endpoint faults plus global latency and an upload bandwidth cap. Thread-safe.
+
+        horde.faults.http_error("*/generate/submit", 502, count=2)     # the next two submits get 502
+        horde.faults.rate_limit("*/pop", retry_after=0.5)              # 429 + Retry-After: 0.5
+        horde.faults.hang("*/pop", seconds=3)                          # client read timeout; nothing popped
+        horde.faults.drop("*/submit", after=True)                      # submit applied, answer lost
+        horde.faults.malformed("*/interrogate/pop", probability=0.2)   # 20% of pops, seeded RNG, no limit
+        horde.faults.expire_on_submit()                                # next submit -> AbortedGen + requeue
+        horde.faults.latency_s = 0.1; horde.faults.upload_bandwidth = 50_000
+
+    `count` is how many times a fault fires (None: unlimited). Given a `probability` and the default count,
+    the fault keeps drawing forever. The first matching fault in insertion order fires. A HANG before
+    handling never handles the request (like a proxy timeout); with `after=True` it is handled, then
+    answered late.
+    """
 
     seed: int = 0
     latency_s: float = 0.0  # added to every API call (not to the object store)
