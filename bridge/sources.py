@@ -17,6 +17,7 @@ import time
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class SourceFetcher:
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     raise SourceImageError("download_failed", f"{shown}: {declared} bytes > {self.max_bytes}")
                 data = bytearray()
-                for chunk in response.iter_content(_CHUNK):
+                # read1, not iter_content: iter_content blocks until a whole chunk has arrived, so a
+                # slow drip would never reach the deadline check below.
+                while chunk := response.raw.read1(_CHUNK, decode_content=True):
                     data += chunk
                     if len(data) > self.max_bytes:
                         raise SourceImageError(
@@ -94,7 +97,8 @@ class SourceFetcher:
                     # The socket timeout is per read: a slow drip could otherwise hold a slot forever.
                     if time.monotonic() > deadline:
                         raise SourceImageError("download_failed", f"{shown}: slower than {self.timeout} s")
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # Reading .raw directly surfaces urllib3's own exceptions, not requests' wrappers.
             raise SourceImageError("download_failed", f"{shown}: {type(exc).__name__}") from exc
         logger.debug("downloaded %d bytes from %s", len(data), shown)
         return bytes(data)
