@@ -310,9 +310,43 @@ def text_encoder_to_ldm(text_encoder: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
-    """A Stable Diffusion 1.x pipeline's weights in the original single-file (LDM) key layout."""
-    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text_encoder_to_ldm(pipe.text_encoder)}
+_OPEN_CLIP_PARTS = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+
+
+def text_encoder_to_open_clip(text_encoder: Any) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in the OpenCLIP layout of SD 2.x checkpoints (`cond_stage_model.model.*`),
+    q/k/v fused into `in_proj`."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    prefix = "cond_stage_model.model."
+    out = {
+        prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer = f"encoder.layers.{i}."
+        block = f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{layer}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+        for key in [k for k in state if k.startswith(layer)]:
+            _, part, tail = _split_prefix(key[len(layer) :], _OPEN_CLIP_PARTS)
+            out[block + part + tail] = state.pop(key)
+    return out
+
+
+def pipeline_to_ldm(pipe: Any, *, open_clip: bool = False) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion pipeline's weights in the original single-file (LDM) key layout; `open_clip`
+    writes the text encoder as SD 2.x checkpoints do."""
+    text = text_encoder_to_open_clip if open_clip else text_encoder_to_ldm
+    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text(pipe.text_encoder)}
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
