@@ -6,6 +6,7 @@ worker with a custom name ends up skipped (`bridge_version`) for img2img and pos
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 REGEN = "AI Horde Worker reGen"
@@ -76,20 +77,25 @@ class BridgeAgent:
         return feature in self.capabilities
 
 
-def parse_bridge_agent(agent: str | None) -> BridgeAgent:
-    """`name:semver:url`; the url may contain colons. A version that does not parse counts as 0."""
+def parse_bridge_agent(agent: str | None, extra_bridges: Mapping[str, str] | None = None) -> BridgeAgent:
+    """`name:semver:url`; the url may contain colons. A version that does not parse counts as 0.
+
+    `extra_bridges` maps a custom name onto a known one (`"AI Horde Worker reGen"`: its latest version, or
+    `"AI Horde Worker reGen:8"`), for demos whose worker keeps its own name but should get capabilities.
+    """
     parts = (agent or "unknown:0:unknown").split(":", 2)
     name = parts[0]
-    raw_version = parts[1] if len(parts) > 1 else "0"
     try:
-        version = int(raw_version.strip().split(".")[0])
+        version = int((parts[1] if len(parts) > 1 else "0").strip().split(".")[0])
     except ValueError:
         version = 0
-    table = BRIDGE_CAPABILITIES.get(name, {})
+    table_name, caps_version = name, version
+    if extra_bridges and name in extra_bridges:
+        table_name, _, pinned = extra_bridges[name].partition(":")
+        caps_version = int(pinned) if pinned else max(BRIDGE_CAPABILITIES.get(table_name, {0: set()}))
     caps: set[str] = set()
-    for since, features in table.items():
-        if since <= version:
+    for since, features in BRIDGE_CAPABILITIES.get(table_name, {}).items():
+        if since <= caps_version:
             caps |= features
-    return BridgeAgent(
-        name=name, version=version, url=parts[2] if len(parts) > 2 else "", capabilities=frozenset(caps)
-    )
+    url = parts[2] if len(parts) > 2 else ""
+    return BridgeAgent(name=name, version=version, url=url, capabilities=frozenset(caps))

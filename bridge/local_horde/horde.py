@@ -7,7 +7,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import requests
@@ -39,9 +39,13 @@ class LocalHorde:
         port: int = 0,
         extra_latency_s: float = 0.0,
         fault_seed: int = 0,
+        extra_bridges: Mapping[str, str] | None = None,
     ) -> None:
+        """`extra_bridges`: custom bridge names granted a known bridge's capabilities, e.g.
+        `{"my-bridge": "AI Horde Worker reGen"}` (else an unknown name gets none, as on the real horde).
+        """
         self.api_key = api_key
-        self.registry = Registry(api_key)
+        self.registry = Registry(api_key, extra_bridges)
         self.generations = GenerationQueue(self.registry, list(known_models), job_ttl)
         self.alchemy = AlchemyQueue(self.registry, form_ttl)
         self.api = HordeApi(self.registry, self.generations, self.alchemy)

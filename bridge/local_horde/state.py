@@ -6,6 +6,7 @@ import copy
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,8 @@ class Accounting:
 class Registry:
     """Users and workers. Callers hold `lock` (the horde-wide state lock) around every call."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str, extra_bridges: Mapping[str, str] | None = None) -> None:
+        self.extra_bridges = dict(extra_bridges or {})
         self.lock = threading.RLock()
         self.store = ObjectStore()
         self.accounting = Accounting()
@@ -221,10 +223,16 @@ class Registry:
         if worker is not None and worker.owner is not user:
             raise ApiError(403, "Wrong credentials to submit as this worker.", "WrongCredentials")
         if worker is None:
-            worker = Worker(new_id(), name, type_, user, parse_bridge_agent(settings.get("bridge_agent")))
+            worker = Worker(
+                new_id(),
+                name,
+                type_,
+                user,
+                parse_bridge_agent(settings.get("bridge_agent"), self.extra_bridges),
+            )
             self.workers[worker.id] = worker
         worker.settings = settings
-        worker.agent = parse_bridge_agent(settings.get("bridge_agent"))
+        worker.agent = parse_bridge_agent(settings.get("bridge_agent"), self.extra_bridges)
         worker.last_seen = time.monotonic()
         return worker
 

@@ -183,3 +183,15 @@ def test_alchemy_capabilities_and_tiles(horde: LocalHorde) -> None:
     assert form["form"] == "RealESRGAN_x4plus" and "r2_upload" in form
     (caption,) = unknown.ipop([])["forms"]  # no forms -> caption
     assert caption["form"] == "caption"
+
+
+def test_extra_bridges_grant_a_custom_name_known_capabilities() -> None:
+    custom = "horde-bridge-py:0.1.0:https://example.org"
+    assert parse_bridge_agent(custom, {"horde-bridge-py": "AI Horde Worker reGen"}).has("RestoreFormer")
+    assert not parse_bridge_agent(custom, {"horde-bridge-py": "AI Horde Worker reGen:8"}).has("flux")
+    with LocalHorde(
+        known_models=["tiny-sd1"], extra_bridges={"horde-bridge-py": "AI Horde Worker reGen"}
+    ) as horde:
+        horde.request_generation(small_params(), source_image=webp())
+        job = WorkerClient(horde, agent=custom).pop()
+        assert job["id"] is not None and job["source_image"].startswith(horde.base_url) and job["r2_upload"]
