@@ -95,6 +95,8 @@ class Daemon:
                         "Stop again to hand them back to the horde now.", reason, self._waiting)
         else:
             log.warning("cold shutdown: faulting every unsubmitted job back to the horde")
+            # A retry backoff in progress ends now; from here each call gets one attempt.
+            self.client.retry.cancel.set()
         self._wake.set()
         with self._state:
             self._state.notify_all()
