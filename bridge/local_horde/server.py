@@ -155,6 +155,8 @@ class HordeTransport:
             return Response(err.status, err.xml(), "application/xml")
 
     def _read_body(self, h: BaseHTTPRequestHandler, *, throttle: bool) -> bytes:
+        if "chunked" in (h.headers.get("Transfer-Encoding") or "").lower():
+            return _read_chunked(h)  # e.g. requests uploading a generator; not throttled
         length = int(h.headers.get("Content-Length") or 0)
         cap = self.faults.upload_bandwidth if throttle else None
         if not cap:
@@ -183,6 +185,18 @@ class HordeTransport:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(response.body)
+
+
+def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        size = int(h.rfile.readline(65537).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while h.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        parts.append(h.rfile.read(size))
+        h.rfile.readline()  # the CRLF after each chunk
 
 
 class _Handler(BaseHTTPRequestHandler):

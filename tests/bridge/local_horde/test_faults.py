@@ -145,3 +145,14 @@ def test_corrupt_and_huge_sources_reach_the_worker_unchanged(horde: LocalHorde, 
     assert requests.get(job["source_image"], timeout=5).content == CORRUPT_IMAGE_BYTES
     (form,) = worker.ipop(["caption"])["forms"]
     assert requests.get(form["source_image"], timeout=5).content == huge
+
+
+def test_chunked_upload_is_stored_whole(horde: LocalHorde, worker: WorkerClient) -> None:
+    rid = horde.request_generation(small_params())
+    job = worker.pop()
+    image = webp("purple")
+    parts = (image[i : i + 100] for i in range(0, len(image), 100))  # a generator: requests sends it chunked
+    assert requests.put(job["r2_upload"], data=parts, timeout=5).status_code == 200
+    worker.submit(job["id"])
+    (gen,) = horde.wait_done([rid], timeout=5)[rid]["generations"]
+    assert horde.download(gen["img"]) == image
