@@ -248,6 +248,8 @@ class AlchemyQueue:
 
     def _abort(self, job: FormJob, reason: str) -> None:
         job.state = "aborted" if reason == "expired" else "faulted"
+        if reason == "expired":
+            job.worker.record_abort(self.reg.auto_maintenance_aborts)
         self.reg.accounting.requeues.append((job.id, reason))
         form = job.form
         form.aborts += 1

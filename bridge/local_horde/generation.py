@@ -451,6 +451,8 @@ class GenerationQueue:
     def _requeue(self, job: GenJob, reason: str) -> None:
         job.state = "aborted" if reason == "expired" else "faulted"
         job.worker.uncompleted_jobs = max(0, job.worker.uncompleted_jobs - 1)
+        if reason == "expired":
+            job.worker.record_abort(self.reg.auto_maintenance_aborts)
         req = job.request
         req.restarts += 1
         self.reg.accounting.requeues.append((job.id, reason))

@@ -16,6 +16,11 @@ from bridge.local_horde.store import ObjectStore
 
 ANON_API_KEY = "0000000000"
 WORKER_OFFLINE_AFTER_S = 300.0
+AUTO_MAINTENANCE_ABORTS = 20  # more ttl aborts than this in an hour puts a worker into maintenance
+DROPPING_JOBS_MSG = (
+    "Maintenance mode activated because worker is dropping too many jobs. "
+    "Please investigate the cause and remove maintenance once fixed."
+)
 
 
 class ApiError(Exception):
@@ -96,6 +101,14 @@ class Worker:
     kudos_rewards: float = 0.0
     megapixelsteps: float = 0.0
     uncompleted_jobs: int = 0
+    abort_times: list[float] = field(default_factory=list)
+
+    def record_abort(self, limit: int) -> None:
+        """A ttl abort; too many within an hour and the horde puts the worker into maintenance."""
+        now = time.monotonic()
+        self.abort_times = [t for t in self.abort_times if now - t < 3600] + [now]
+        if len(self.abort_times) > limit and not self.maintenance:
+            self.maintenance, self.maintenance_msg = True, DROPPING_JOBS_MSG
 
     @property
     def online(self) -> bool:
@@ -169,6 +182,7 @@ class Registry:
 
     def __init__(self, api_key: str, extra_bridges: Mapping[str, str] | None = None) -> None:
         self.extra_bridges = dict(extra_bridges or {})
+        self.auto_maintenance_aborts = AUTO_MAINTENANCE_ABORTS
         self.lock = threading.RLock()
         self.store = ObjectStore()
         self.accounting = Accounting()

@@ -87,3 +87,15 @@ def test_faulted_form_is_requeued(horde: LocalHorde, worker: WorkerClient) -> No
     assert worker.isubmit(again["id"], {"nsfw": False}).json() == {"reward": 1.0}
     status = horde.wait_done([rid], timeout=2)[rid]
     assert status["forms"] == [{"form": "nsfw", "state": "done", "result": {"nsfw": False}}]
+
+
+def test_too_many_aborts_put_the_worker_into_maintenance(horde: LocalHorde, worker: WorkerClient) -> None:
+    horde.registry.auto_maintenance_aborts = 2  # the real horde's limit is 20 per hour
+    stranger = horde.add_user("stranger")
+    for _ in range(3):
+        horde.request_generation(small_params(), api_key=stranger)
+        horde.expire(worker.pop()["id"])
+    resp = worker.pop_raw()
+    assert resp.status_code == 403 and resp.json()["rc"] == "WorkerMaintenance"
+    assert "dropping too many jobs" in resp.json()["message"]
+    assert horde.worker_details(worker.name)["maintenance_mode"] is True

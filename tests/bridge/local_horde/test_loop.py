@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 
 import requests
 
@@ -128,3 +129,26 @@ def test_model_stats_shape_for_top_n(horde: LocalHorde, worker: WorkerClient) ->
 
 def test_default_key_is_a_22_char_token() -> None:
     assert len(DEFAULT_API_KEY) == 22 and DEFAULT_API_KEY.replace("_", "").replace("-", "").isalnum()
+
+
+def test_concurrent_workers_get_each_id_exactly_once(horde: LocalHorde) -> None:
+    rids = [horde.request_generation(small_params(), n=2) for _ in range(15)]
+
+    def run(name: str) -> None:
+        client = WorkerClient(horde, name=name)
+        while (job := client.pop(amount=2))["id"] is not None:
+            for jid, url in zip(job["ids"], job["r2_uploads"], strict=True):
+                requests.put(url, data=jid.encode(), timeout=5)
+                assert client.submit(jid).status_code == 200
+
+    threads = [threading.Thread(target=run, args=(f"worker-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    statuses = horde.wait_done(rids, timeout=5)
+    acc = horde.accounting()
+    assert len(acc.handed_out) == len(set(acc.handed_out)) == 30
+    assert all(len(acc.submits[i]) == 1 for i in acc.handed_out) and acc.unfinished() == []
+    for status in statuses.values():
+        assert all(horde.download(g["img"]) == g["id"].encode() for g in status["generations"])
