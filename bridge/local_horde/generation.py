@@ -8,6 +8,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +133,11 @@ class GenJob:
 
 
 class GenerationQueue:
-    def __init__(self, registry: Registry, known_models: list[str], job_ttl: float | None) -> None:
+    def __init__(self, registry: Registry, known_models: Iterable[str], job_ttl: float | None) -> None:
         self.reg = registry
-        self.known_models = known_models
+        # A mapping gives each model its baseline (ttl x3 and reward factors, flux capability).
+        self.baselines: dict[str, str] = dict(known_models) if isinstance(known_models, Mapping) else {}
+        self.known_models = list(known_models)
         self.job_ttl = job_ttl
         self.requests: dict[str, GenRequest] = {}
         self.jobs: dict[str, GenJob] = {}
@@ -251,7 +254,7 @@ class GenerationQueue:
         for req in self._ordered_requests(settings["priority_usernames"]):
             if not req.pending or (worker.maintenance and req.owner is not worker.owner):
                 continue
-            reason = rules.generation_skip_reason(worker, req)
+            reason = rules.generation_skip_reason(worker, req, self.baselines)
             if reason:
                 skipped[reason] += 1
                 continue
@@ -283,8 +286,11 @@ class GenerationQueue:
         }
 
     def _start(self, req: GenRequest, worker: Worker, amount: int) -> dict[str, Any]:
-        model = rules.pick_model(req.models, worker.models)
-        ttl = self.job_ttl if self.job_ttl is not None else rules.job_ttl(req.params, worker.settings)
+        model = rules.usable_models(worker, req, self.baselines)[0]
+        baseline = self.baselines.get(model)
+        ttl = (
+            self.job_ttl if self.job_ttl is not None else rules.job_ttl(req.params, worker.settings, baseline)
+        )
         now = time.monotonic()
         slots, req.pending = req.pending[:amount], req.pending[amount:]
         jobs = [GenJob(new_id(), req, worker, model, slot, now, ttl) for slot in slots]
@@ -377,7 +383,7 @@ class GenerationQueue:
             m["type"] == "censorship" and m["value"] in ("nsfw", "csam") for m in job.gen_metadata
         )
         job.state = "censored" if state in ("censored", "csam") else "ok"
-        job.reward = round(rules.image_kudos(job.request.params), 2)
+        job.reward = round(rules.image_kudos(job.request.params, self.baselines.get(job.model)), 2)
         self._credit(job)
         return {"reward": job.reward}
 

@@ -41,12 +41,13 @@ class LocalHorde:
         fault_seed: int = 0,
         extra_bridges: Mapping[str, str] | None = None,
     ) -> None:
-        """`extra_bridges`: custom bridge names granted a known bridge's capabilities, e.g.
+        """`known_models`: names, or a mapping name -> baseline ("stable_diffusion_xl", "flux_1", ...).
+        `extra_bridges`: custom bridge names granted a known bridge's capabilities, e.g.
         `{"my-bridge": "AI Horde Worker reGen"}` (else an unknown name gets none, as on the real horde).
         """
         self.api_key = api_key
         self.registry = Registry(api_key, extra_bridges)
-        self.generations = GenerationQueue(self.registry, list(known_models), job_ttl)
+        self.generations = GenerationQueue(self.registry, known_models, job_ttl)
         self.alchemy = AlchemyQueue(self.registry, form_ttl)
         self.api = HordeApi(self.registry, self.generations, self.alchemy)
         self.faults = FaultInjector(seed=fault_seed, latency_s=extra_latency_s)

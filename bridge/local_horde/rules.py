@@ -12,6 +12,7 @@ from bridge.local_horde.state import ApiError, Worker
 if TYPE_CHECKING:
     from bridge.local_horde.generation import GenRequest
 
+SLOW_BASELINES = ("flux_1", "qwen_image", "z_image_turbo")
 SLOW_SAMPLERS = ("k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde")
 UPSCALERS = (
     "RealESRGAN_x4plus",
@@ -62,13 +63,13 @@ def check_priority_usernames(names: list[str]) -> None:
             )
 
 
-def pick_model(requested: list[str], served: list[str]) -> str:
-    if not requested:
-        return served[0]
-    return next(m for m in requested if m in served)
+def usable_models(worker: Worker, req: GenRequest, baselines: dict[str, str]) -> list[str]:
+    """Models of this request the worker serves and its bridge can run (flux needs the capability)."""
+    candidates = [m for m in (req.models or worker.models) if m in worker.models]
+    return [m for m in candidates if baselines.get(m) != "flux_1" or worker.agent.has("flux")]
 
 
-def job_ttl(params: dict[str, Any], settings: dict[str, Any]) -> float:
+def job_ttl(params: dict[str, Any], settings: dict[str, Any], baseline: str | None = None) -> float:
     steps = params["steps"]
     if params["sampler_name"] in SLOW_SAMPLERS:
         steps *= 2
@@ -77,13 +78,16 @@ def job_ttl(params: dict[str, Any], settings: dict[str, Any]) -> float:
     ttl = max(150.0, 30 + steps * 2 * (params["width"] * params["height"] / 512**2))
     if params.get("control_type"):
         ttl *= 2
+    if baseline in SLOW_BASELINES:
+        ttl *= 3
     if settings.get("extra_slow_worker"):
         ttl *= 3
     return ttl
 
 
-def image_kudos(params: dict[str, Any]) -> float:
-    """The contract's fallback formula (the real server uses an MLP; this is a plausible stand-in)."""
+def image_kudos(params: dict[str, Any], baseline: str | None = None) -> float:
+    """The contract's fallback formula (the real server uses an MLP; this is a plausible stand-in),
+    times the worker-side baseline factor."""
     steps, pixels = params["steps"], params["width"] * params["height"]
     kudos = (
         0.1232 * steps + ((max(pixels - 4096, 0)) ** 1.75 / (1024**2 - 4096) ** 1.75) * 0.1232 * steps * 8.75
@@ -94,7 +98,15 @@ def image_kudos(params: dict[str, Any]) -> float:
     kudos += 3 * len(params.get("loras") or [])
     if params.get("tis"):
         kudos += 1
-    return kudos
+    return kudos * baseline_factor(baseline, params)
+
+
+def baseline_factor(baseline: str | None, params: dict[str, Any]) -> float:
+    if baseline == "stable_diffusion_xl":
+        return 4.0 if params.get("workflow") == "qr_code" else 2.0
+    if baseline == "stable_cascade":
+        return 7.0 if params.get("hires_fix") else 4.0
+    return {"flux_1": 8.0, "z_image_turbo": 8.0, "qwen_image": 12.0}.get(baseline or "", 1.0)
 
 
 def maintenance_error(worker: Worker) -> ApiError:
@@ -134,7 +146,7 @@ def _bridge_lacks(worker: Worker, req: GenRequest) -> bool:
     return any(not has(feature) for feature in needs)
 
 
-def generation_skip_reason(worker: Worker, req: GenRequest) -> str | None:
+def generation_skip_reason(worker: Worker, req: GenRequest, baselines: dict[str, str]) -> str | None:
     """The `skipped` key this worker counts for this request, or None when it may take it."""
     s, p = worker.settings, req.params
     if req.workers and worker.id not in req.workers:
@@ -146,6 +158,8 @@ def generation_skip_reason(worker: Worker, req: GenRequest) -> str | None:
         return "blacklist"
     if req.models and not any(m in worker.models for m in req.models):
         return "models"
+    if not usable_models(worker, req, baselines):
+        return "bridge_version"
     if p["width"] * p["height"] > s["max_pixels"]:
         return "max_pixels"
     if req.source_key and not s["allow_img2img"]:

@@ -195,3 +195,28 @@ def test_extra_bridges_grant_a_custom_name_known_capabilities() -> None:
         horde.request_generation(small_params(), source_image=webp())
         job = WorkerClient(horde, agent=custom).pop()
         assert job["id"] is not None and job["source_image"].startswith(horde.base_url) and job["r2_upload"]
+
+
+def test_model_baselines_set_flux_capability_ttl_and_reward() -> None:
+    baselines = {
+        "Flux.1-Schnell": "flux_1",
+        "SDXL 1.0": "stable_diffusion_xl",
+        "tiny-sd1": "stable diffusion 1",
+    }
+    with LocalHorde(known_models=baselines) as horde:
+        horde.request_generation(small_params(), models=["Flux.1-Schnell"])
+        old = WorkerClient(horde, name="regen-v8", agent="AI Horde Worker reGen:8.0.0:https://x")
+        assert old.pop(models=["Flux.1-Schnell"])["skipped"] == {"bridge_version": 1}
+        flux = WorkerClient(horde, name="regen-v9", agent="AI Horde Worker reGen:9.0.0:https://x")
+        job = flux.pop(models=["Flux.1-Schnell"])
+        assert job["model"] == "Flux.1-Schnell" and job["ttl"] == 450
+        flux_reward = flux.submit(job["id"]).json()["reward"]
+
+        for model in ("SDXL 1.0", "tiny-sd1"):
+            horde.request_generation(small_params(steps=40), models=[model])
+        sdxl = flux.pop(models=["SDXL 1.0"])
+        sd1 = flux.pop(models=["tiny-sd1"])
+        sdxl_reward = flux.submit(sdxl["id"]).json()["reward"]
+        sd1_reward = flux.submit(sd1["id"]).json()["reward"]
+        assert sdxl_reward == pytest.approx(2 * sd1_reward, rel=0.01)
+        assert flux_reward == pytest.approx(8 * sd1_reward / 20, rel=0.03)  # flux ran 2 steps, sd1 40
