@@ -275,7 +275,8 @@ runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetche
                   interrogators=interrogators)
 client = HordeClient({horde.base_url!r}, {DEFAULT_API_KEY!r}, client_agent="t:1:n")
 Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
-       journal=Journal(Path({str(tmp_path / "inflight.json")!r})), timings=LoopTimings(idle_poll_s=0.05)).run()
+       journal=Journal(Path({str(tmp_path / "inflight.json")!r})),
+       timings=LoopTimings(idle_poll_s=0.05)).run()
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
