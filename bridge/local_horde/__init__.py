@@ -1,9 +1,18 @@
 """A real HTTP stand-in of the AI Horde (API v5.1.5) on 127.0.0.1, shared by tests, benchmarks and the demo.
 
-with LocalHorde(known_models=["tiny-sd1"]) as horde:
-    rid = horde.request_generation({"steps": 2}, models=["tiny-sd1"])
-    ...  # a worker pops from horde.base_url with DEFAULT_API_KEY
-    horde.wait_done([rid])
+    with LocalHorde(known_models=["tiny-sd1"]) as horde:
+        rid = horde.request_generation({"steps": 2, "width": 64, "height": 64}, models=["tiny-sd1"])
+        ...  # a worker pops from horde.base_url (routes under /api/v2) with DEFAULT_API_KEY ("local#1")
+        status = horde.wait_done([rid])[rid]
+        image = horde.download(status["generations"][0]["img"])
+        assert horde.accounting().unfinished() == []
+
+Worker endpoints follow /work/shared/horde-api.md: both validation layers, the rc errors, ttl expiry and
+requeues, bridge_agent capabilities (an unknown bridge name gets none: no r2, no r2_source, skipped
+img2img/post-processing...). Requester helpers (`request_generation`, `request_interrogation`, `host_image`,
+`generation_status`, `interrogation_status`, `wait_done`, `download`) go over real HTTP and are never
+faulted. `horde.faults` (see faults.py) injects 5xx, 429, hangs, drops, malformed bodies, latency, an upload
+bandwidth cap and forced expiry; `horde.expire(id)` aborts a job now. `python -m bridge.local_horde` runs one.
 """
 
 from bridge.local_horde.faults import (
