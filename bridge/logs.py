@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class SecretFilter(logging.Filter):
 
 def setup_logging(verbosity: int, log_file: Path | None, secrets: list[str], *, console=None) -> None:
     """verbosity: -1 quiet (warnings), 0 info, 1+ debug."""
+    # Per-load progress bars of transformers/huggingface would interleave with the daemon's log lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     root = logging.getLogger()
     for handler in list(root.handlers):
