@@ -130,5 +130,5 @@ def runtime(pipelines: TinyPipelines) -> Runtime:
 def source_image() -> Image.Image:
     """A 64x64 picture with structure (gradient + a square), so img2img has something to keep."""
     image = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-    image.paste((200, 40, 40), (16, 16, 48, 48))
+    image.paste((200, 40, 40), (8, 12, 40, 36))  # off-centre: no mirror symmetry
     return image

@@ -1,0 +1,298 @@
+"""Run a `GenerationRequest` on the model manager's pipelines: images + metadata, deterministically.
+
+Each image is its own pipeline call with a fresh scheduler (built from the pipeline's original scheduler
+config) and a CPU generator seeded with `request.seed_for(i)` (`DevicePolicy.generator`), so the same
+request on the same device gives the same bytes, and image i is reproduced by a one-image job with its
+submitted seed. Shared pipelines are borrowed, never changed for good: the scheduler, circular padding
+(tiling) and VAE tiling are put back when the call ends.
+
+GPU speed is the manager's concern (fp16 weights, SDPA attention are diffusers' defaults there); this
+module adds nothing inside the denoising loop (no per-step callbacks), and turns on VAE tiling for large
+images on CUDA so that 1024x1024 decodes within 8 GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import (
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from bridge.generation.censor import CENSORED_METADATA, censor_reason, censored_image, check
+from bridge.generation.masks import SourceImages, blank_canvas, fit_to, full_mask
+from bridge.generation.request import GenerationRequest
+from bridge.generation.substitutions import Substitution, information
+
+logger = logging.getLogger(__name__)
+
+PIPELINES: dict[str, dict[str, type]] = {
+    "sd": {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+        "depth2img": StableDiffusionDepth2ImgPipeline,
+    },
+    "sdxl": {
+        "txt2img": StableDiffusionXLPipeline,
+        "img2img": StableDiffusionXLImg2ImgPipeline,
+        "inpaint": StableDiffusionXLInpaintPipeline,
+    },
+}
+# Above this many pixels the VAE decodes in tiles on CUDA (1024x1024 then fits an 8 GB card).
+VAE_TILING_PIXELS = 768 * 768
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    index: int
+    state: str = "ok"  # "ok" | "censored"
+    metadata: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    notes: list[Substitution]  # fields the pipeline could not honour (clip_skip cap, long prompt...)
+    inference_s: float = 0.0
+    post_processing_s: float = 0.0
+
+
+def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
+    family = "sdxl" if request.baseline == "stable_diffusion_xl" else "sd"
+    try:
+        return PIPELINES[family][mode or request.mode]
+    except KeyError:
+        raise ValueError(f"no {mode or request.mode} pipeline for {family} models") from None
+
+
+def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImages) -> GenerationResult:
+    """1. generate every image, 2. hires-fix second pass, 3. censor, 4. post-process."""
+    notes: list[Substitution] = []
+    started = time.perf_counter()
+    images = generate(runtime, request, sources, notes)
+    if request.hires_fix:
+        images = _hires_pass(runtime, request, images)
+    results = [GeneratedImage(image, request.seed_for(i), i) for i, image in enumerate(images)]
+    inference_s = time.perf_counter() - started
+    _censor(runtime, request, results)
+    started = time.perf_counter()
+    _post_process(runtime, request, results)
+    return GenerationResult(results, notes, inference_s, time.perf_counter() - started)
+
+
+def generate(
+    runtime: Any, request: GenerationRequest, sources: SourceImages, notes: list[Substitution]
+) -> list[Image.Image]:
+    """The main pass: one pipeline call per image (the first, low-res pass when hires_fix is on)."""
+    width, height = request.first_pass or (request.width, request.height)
+    cls = pipeline_class(request)
+    with (
+        runtime.models.pipeline(request.model, cls) as pipe,
+        _borrowed(pipe, request, runtime.device) as config,
+    ):
+        fixed = _call_kwargs(pipe, request, sources, width, height, notes)
+        images = []
+        for index in range(request.n_images):
+            seed = request.seed_for(index)
+            pipe.scheduler = request.sampler.build(config, seed)
+            images.append(pipe(**fixed, generator=runtime.device.generator(seed)).images[0])
+    return images
+
+
+def _hires_pass(runtime: Any, request: GenerationRequest, low_res: list[Image.Image]) -> list[Image.Image]:
+    """Upscale each first-pass image to the asked size and refine it with img2img."""
+    cls = pipeline_class(request, "img2img")
+    strength = request.hires_denoising_strength
+    with (
+        runtime.models.pipeline(request.model, cls) as pipe,
+        _borrowed(pipe, request, runtime.device) as config,
+    ):
+        fixed = _common_kwargs(pipe, request, [])
+        fixed.update(strength=strength, num_inference_steps=steps_for(request.steps, strength))
+        images = []
+        for index, image in enumerate(low_res):
+            seed = request.seed_for(index)
+            pipe.scheduler = request.sampler.build(config, seed)
+            upscaled = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            images.append(pipe(**fixed, image=upscaled, generator=runtime.device.generator(seed)).images[0])
+    return images
+
+
+def steps_for(steps: int, strength: float) -> int:
+    """diffusers runs int(steps * strength) steps in img2img-like passes; keep at least one."""
+    return steps if int(steps * strength) >= 1 else math.ceil(1 / strength)
+
+
+def _common_kwargs(pipe: Any, request: GenerationRequest, notes: list[Substitution]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.cfg_scale,
+        "output_type": "pil",
+    }
+    skip = _clip_skip(pipe, request, notes)
+    if skip is None:
+        return kwargs
+    if pipeline_class(request, "txt2img") is not StableDiffusionPipeline:
+        return {**kwargs, "clip_skip": skip}
+    # diffusers' SD clip_skip path reads text_encoder.text_model, which transformers 5 no longer has:
+    # the embeddings are computed here the same way (hidden state, then the final layer norm).
+    positive = _embed_skipping(pipe, request.prompt, skip)
+    negative = _embed_skipping(pipe, request.negative_prompt, skip)
+    del kwargs["prompt"], kwargs["negative_prompt"]
+    return {**kwargs, "prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+
+@torch.no_grad()
+def _embed_skipping(pipe: Any, text: str, skip: int) -> torch.Tensor:
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer(
+        text,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    hidden = encoder(ids.to(encoder.device), output_hidden_states=True).hidden_states[-(skip + 1)]
+    inner = getattr(encoder, "text_model", encoder)
+    return inner.final_layer_norm(hidden)
+
+
+def _call_kwargs(
+    pipe: Any,
+    request: GenerationRequest,
+    sources: SourceImages,
+    width: int,
+    height: int,
+    notes: list[Substitution],
+) -> dict[str, Any]:
+    kwargs = _common_kwargs(pipe, request, notes)
+    _note_long_prompt(pipe, request, notes)
+    strength = request.denoising_strength
+    if request.mode == "txt2img":
+        return {**kwargs, "width": width, "height": height}
+    image = fit_to(sources.image, width, height) if sources.image is not None else blank_canvas(width, height)
+    kwargs.update(image=image, strength=strength, num_inference_steps=steps_for(request.steps, strength))
+    if request.mode == "inpaint":
+        given = request.mask == "given" and sources.mask is not None
+        mask = fit_to(sources.mask, width, height, mask=True) if given else full_mask(width, height)
+        kwargs.update(mask_image=mask, width=width, height=height)
+    return kwargs
+
+
+def _clip_skip(pipe: Any, request: GenerationRequest, notes: list[Substitution]) -> int | None:
+    # Horde clip_skip 1 = last layer; diffusers counts layers skipped (1 = penultimate).
+    skip = request.clip_skip - 1
+    if skip <= 0:
+        return None
+    layers = int(pipe.text_encoder.config.num_hidden_layers)
+    if skip > layers - 1:
+        notes.append(
+            Substitution("clip_skip", request.clip_skip, layers, f"the text encoder has {layers} layers")
+        )
+        skip = layers - 1
+    return skip or None
+
+
+def _note_long_prompt(pipe: Any, request: GenerationRequest, notes: list[Substitution]) -> None:
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    limit = int(tokenizer.model_max_length)
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        count = len(tokenizer(text).input_ids)
+        if count > limit:
+            notes.append(
+                Substitution(name, f"{count} tokens", f"{limit} tokens", "cut to the text encoder's length")
+            )
+
+
+@contextlib.contextmanager
+def _borrowed(pipe: Any, request: GenerationRequest, device: Any) -> Iterator[Any]:
+    """Yield the pipeline's original scheduler config; undo every change made for this request."""
+    scheduler = pipe.scheduler
+    convs = _circular_padding(pipe) if request.tiling else []
+    vae = getattr(pipe, "vae", None)
+    tile_vae = bool(device.is_cuda and vae is not None and request.width * request.height > VAE_TILING_PIXELS)
+    was_tiling = bool(getattr(vae, "use_tiling", False))
+    if tile_vae and not was_tiling:
+        vae.enable_tiling()
+    try:
+        yield scheduler.config
+    finally:
+        pipe.scheduler = scheduler
+        for conv, mode in convs:
+            conv.padding_mode = mode
+        if tile_vae and not was_tiling:
+            vae.disable_tiling()
+
+
+def _circular_padding(pipe: Any) -> list[tuple[torch.nn.Conv2d, str]]:
+    """Seamless tiling: every conv of the UNet and VAE wraps around the image edges."""
+    changed = []
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for conv in module.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                changed.append((conv, conv.padding_mode))
+                conv.padding_mode = "circular"
+    return changed
+
+
+def _censor(runtime: Any, request: GenerationRequest, results: list[GeneratedImage]) -> None:
+    reason = censor_reason(
+        use_nsfw_censor=request.use_nsfw_censor, prompt=request.prompt, config=runtime.config
+    )
+    if reason is None:
+        return
+    flags = check([r.image for r in results], runtime.safety, reason)
+    for result, flagged in zip(results, flags, strict=True):
+        if flagged:
+            result.image = censored_image(*result.image.size)
+            result.state = "censored"
+            result.metadata.append(dict(CENSORED_METADATA))
+
+
+def _post_process(runtime: Any, request: GenerationRequest, results: list[GeneratedImage]) -> None:
+    """Post-processors in the asked order; unavailable ones are skipped and reported; censored images
+    are not post-processed (legacy worker)."""
+    names = list(request.post_processing)
+    if not names:
+        return
+    registry = runtime.postprocessors
+    available = set(registry.available()) if registry is not None else set()
+    usable = [n for n in names if n in available]
+    skipped = [information(f"post-processor {n} is not available on this worker: skipped") for n in names
+               if n not in available]  # fmt: skip
+    for result in results:
+        result.metadata.extend(skipped)
+        if result.state == "censored" or not usable:
+            continue
+        try:
+            processed = registry.apply(result.image, usable, strength=request.facefixer_strength)
+        except Exception as exc:  # noqa: BLE001 - a failed post-processor must not cost the image
+            logger.warning("post-processing %s failed: %s", usable, exc, exc_info=True)
+            result.metadata.append(information(f"post-processing {', '.join(usable)} failed: {exc}"))
+            continue
+        result.image = processed.image
+        result.metadata.extend(processed.metadata)

@@ -1,0 +1,294 @@
+"""run_generation on the tiny models: each source_processing kind, hires fix, tiling, clip_skip, batches,
+determinism, censoring and post-processing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+from bridge.api_models import GenerationPayload
+from bridge.generation.censor import CENSORED_METADATA, CensorUnavailable
+from bridge.generation.masks import prepare_sources
+from bridge.generation.request import GenerationRequest, SourceKind, WorkerLimits, build_request
+from bridge.generation.runner import GenerationResult, _borrowed, run_generation
+from bridge.generation.substitutions import Substitution
+from bridge.images import encode_webp
+from bridge.runtime import Runtime
+from tests.bridge.generation.conftest import TinyPipelines, make_runtime
+
+SD1 = "tiny-sd1-diffusers"
+
+
+def run(
+    runtime: Runtime,
+    *,
+    model: str = SD1,
+    source: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    processing: str | None = None,
+    **payload: Any,
+) -> tuple[GenerationRequest, GenerationResult, list[Substitution]]:
+    fields = {
+        "prompt": "a cat",
+        "seed": "11",
+        "width": 64,
+        "height": 64,
+        "ddim_steps": 2,
+        "sampler_name": "k_euler",
+    }
+    fields.update(payload)
+    sources, kind, subs = prepare_sources(source, mask, processing)
+    record = runtime.models.record(model)
+    request, more = build_request(
+        GenerationPayload.model_validate(fields), record, kind, WorkerLimits(1024 * 1024), n_images=None
+    )
+    return request, run_generation(runtime, request, sources), subs + more
+
+
+def pixels(result: GenerationResult, index: int = 0) -> np.ndarray:
+    return np.asarray(result.images[index].image)
+
+
+def last_class(pipelines: TinyPipelines) -> type | None:
+    return pipelines.calls[-1][1]
+
+
+def right_half_mask(size: int = 64) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 2, 0, size, size))
+    return mask
+
+
+def with_alpha(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The source with the mask's white area transparent (how clients send inpainting without a mask)."""
+    rgba = image.convert("RGBA")
+    rgba.putalpha(Image.eval(mask, lambda v: 255 - v))
+    return rgba
+
+
+def test_txt2img(runtime: Runtime, pipelines: TinyPipelines) -> None:
+    request, result, subs = run(runtime)
+    assert last_class(pipelines) is StableDiffusionPipeline
+    assert subs == [] and result.notes == []
+    [image] = result.images
+    assert image.image.size == (64, 64) and image.seed == 11 and image.state == "ok"
+    assert pixels(result).std() > 0
+
+
+def test_img2img_uses_the_source_and_strength(runtime: Runtime, pipelines, source_image) -> None:
+    _, base, _ = run(runtime, source=source_image, processing="img2img", denoising_strength=0.5)
+    assert last_class(pipelines) is StableDiffusionImg2ImgPipeline
+    flipped = source_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    _, other_source, _ = run(runtime, source=flipped, processing="img2img", denoising_strength=0.5)
+    _, stronger, _ = run(runtime, source=source_image, processing="img2img", denoising_strength=1.0)
+    assert not np.array_equal(pixels(base), pixels(other_source))
+    assert not np.array_equal(pixels(base), pixels(stronger))
+
+
+def test_img2img_source_is_stretched_to_the_asked_size(runtime: Runtime, source_image) -> None:
+    request, result, _ = run(runtime, source=source_image.resize((96, 48)), processing="img2img", width=128)
+    assert result.images[0].image.size == (128, 64)
+
+
+def test_inpainting_model_with_mask(runtime: Runtime, pipelines, source_image) -> None:
+    request, result, subs = run(
+        runtime, model="tiny-inpainting", source=source_image, mask=right_half_mask(), processing="inpainting"
+    )
+    assert last_class(pipelines) is StableDiffusionInpaintPipeline
+    assert (request.mode, request.mask) == ("inpaint", "given") and subs == []
+    _, full, _ = run(runtime, model="tiny-inpainting", source=source_image, processing="inpainting")
+    # No mask at all: the inpainting model repaints everything, and says so.
+    assert not np.array_equal(pixels(result), pixels(full))
+
+
+def test_inpainting_via_alpha_equals_the_same_mask_sent_as_source_mask(
+    runtime: Runtime, source_image
+) -> None:
+    mask = right_half_mask()
+    _, by_mask, _ = run(
+        runtime, model="tiny-inpainting", source=source_image, mask=mask, processing="inpainting"
+    )
+    request, by_alpha, subs = run(
+        runtime, model="tiny-inpainting", source=with_alpha(source_image, mask), processing="inpainting"
+    )
+    assert request.mask == "given" and subs == []
+    assert np.array_equal(pixels(by_mask), pixels(by_alpha))
+
+
+def test_outpainting_on_a_plain_model_is_masked_img2img_and_reported(
+    runtime: Runtime, pipelines, source_image
+) -> None:
+    border = Image.new("L", (64, 64), 255)
+    border.paste(0, (16, 16, 48, 48))  # keep the centre, paint the frame
+    request, result, subs = run(
+        runtime, source=with_alpha(source_image, border), processing="outpainting", denoising_strength=0.8
+    )
+    assert last_class(pipelines) is StableDiffusionInpaintPipeline
+    assert pipelines.base(SD1).unet.config.in_channels == 4
+    assert request.mode == "inpaint" and [s.field for s in subs] == ["source_processing"]
+    assert "masked img2img" in subs[0].to_metadata()["ref"]
+    _, unmasked, _ = run(runtime, source=source_image, processing="img2img", denoising_strength=0.8)
+    assert not np.array_equal(pixels(result), pixels(unmasked))
+
+
+def test_depth2img_ignores_the_mask_and_reports_it(runtime: Runtime, pipelines, source_image) -> None:
+    request, masked, subs = run(
+        runtime, model="tiny-sd2-depth", source=source_image, mask=right_half_mask(), processing="img2img"
+    )
+    assert last_class(pipelines) is StableDiffusionDepth2ImgPipeline
+    assert request.mode == "depth2img"
+    assert [(s.field, s.used) for s in subs] == [("source_mask", None)]
+    _, plain, _ = run(runtime, model="tiny-sd2-depth", source=source_image, processing="img2img")
+    assert np.array_equal(pixels(masked), pixels(plain))
+
+
+def test_hires_fix_runs_a_low_res_pass_then_img2img(runtime: Runtime, pipelines) -> None:
+    # One step without guidance: the smallest size where SD1 hires fix applies is already 576 px.
+    request, result, subs = run(
+        runtime,
+        width=576,
+        height=640,
+        hires_fix=True,
+        hires_fix_denoising_strength=0.6,
+        ddim_steps=1,
+        cfg_scale=1,
+    )
+    assert subs == [] and request.first_pass == (512, 512)
+    assert [cls for _, cls in pipelines.calls[-2:]] == [
+        StableDiffusionPipeline,
+        StableDiffusionImg2ImgPipeline,
+    ]
+    assert result.images[0].image.size == (576, 640)
+
+
+def test_tiling_wraps_convolutions_and_puts_them_back(runtime: Runtime, pipelines) -> None:
+    _, tiled, _ = run(runtime, tiling=True)
+    _, plain, _ = run(runtime)
+    assert not np.array_equal(pixels(tiled), pixels(plain))
+    modes = {m.padding_mode for m in pipelines.base(SD1).unet.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert modes == {"zeros"}
+
+
+def test_tiling_makes_the_image_a_torus(runtime: Runtime, pipelines) -> None:
+    """With circular padding every layer commutes with a circular shift: shifting the starting noise by
+    2 latent pixels (the UNet's downsampling factor) shifts the image by 16 pixels. Without it, it does not."""
+    request, _, _ = run(runtime, tiling=True)
+    pipe = pipelines.base(SD1)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+
+    def draw(req: GenerationRequest, noise: torch.Tensor) -> np.ndarray:
+        with _borrowed(pipe, req, runtime.device) as config:
+            pipe.scheduler = req.sampler.build(config, 0)
+            out = pipe("a cat", num_inference_steps=2, latents=noise, output_type="np", width=64, height=64)
+        return out.images[0]
+
+    shifted = torch.roll(latents, shifts=2, dims=3)
+    wrapped = np.roll(draw(request, latents), shift=16, axis=1)
+    np.testing.assert_allclose(draw(request, shifted), wrapped, atol=1e-4)
+    flat = replace(request, tiling=False)
+    assert np.abs(draw(flat, shifted) - np.roll(draw(flat, latents), shift=16, axis=1)).max() > 1e-2
+
+
+def test_clip_skip_changes_the_image_and_is_capped_to_the_encoder(runtime: Runtime) -> None:
+    _, last_layer, _ = run(runtime, clip_skip=1)
+    _, penultimate, _ = run(runtime, clip_skip=2)
+    assert not np.array_equal(pixels(last_layer), pixels(penultimate))
+    _, capped, _ = run(runtime, clip_skip=12)
+    assert [(n.field, n.asked, n.used) for n in capped.notes] == [("clip_skip", 12, 2)]
+    assert np.array_equal(pixels(capped), pixels(penultimate))
+
+
+def test_long_prompt_is_reported(runtime: Runtime) -> None:
+    _, result, _ = run(runtime, prompt="a cat " * 100)
+    assert [n.field for n in result.notes] == ["prompt"]
+
+
+def test_batch_seed_rule_each_image_is_its_own_single_image_job(runtime: Runtime) -> None:
+    request, batch, _ = run(runtime, n_iter=3, seed="100", sampler_name="k_euler_a")
+    assert [i.seed for i in batch.images] == [100, 101, 102]
+    assert [i.index for i in batch.images] == [0, 1, 2]
+    _, alone, _ = run(runtime, seed="101", sampler_name="k_euler_a")
+    assert np.array_equal(pixels(batch, 1), pixels(alone))
+    assert not np.array_equal(pixels(batch, 0), pixels(batch, 1))
+
+
+@pytest.mark.parametrize("sampler", ["k_euler_a", "k_dpmpp_sde"])
+def test_same_request_same_bytes(runtime: Runtime, sampler: str) -> None:
+    first = [encode_webp(i.image) for i in run(runtime, sampler_name=sampler, n_iter=2)[1].images]
+    second = [encode_webp(i.image) for i in run(runtime, sampler_name=sampler, n_iter=2)[1].images]
+    assert first == second
+
+
+def test_censor_replaces_flagged_images(pipelines: TinyPipelines, safety_checkers) -> None:
+    runtime = make_runtime(pipelines, nsfw=False, censor_nsfw=True)
+    runtime.safety = safety_checkers["flags"]
+    _, result, _ = run(runtime, n_iter=2, post_processing=["RealESRGAN_x2plus"])
+    for image in result.images:
+        assert image.state == "censored" and CENSORED_METADATA in image.metadata
+        assert image.image.size == (64, 64)  # censored images are not post-processed
+        assert len(set(image.image.getdata())) <= 2 + 254  # flat background with text
+    assert np.asarray(result.images[0].image)[0, 0].tolist() == [64, 64, 64]
+
+
+@pytest.mark.parametrize(
+    ("config", "payload"),
+    [
+        ({"nsfw": True}, {"use_nsfw_censor": True}),
+        ({"censorlist": ["Tiger"]}, {"prompt": "a tiger ### no cat"}),
+    ],
+)
+def test_each_censor_trigger_runs_the_check(pipelines, safety_checkers, config: dict, payload: dict) -> None:
+    runtime = make_runtime(pipelines, **config)
+    runtime.safety = safety_checkers["flags"]
+    assert run(runtime, **payload)[1].images[0].state == "censored"
+    runtime.safety = safety_checkers["clean"]
+    assert run(runtime, **payload)[1].images[0].state == "ok"
+
+
+def test_no_censor_trigger_no_check(pipelines, safety_checkers) -> None:
+    runtime = make_runtime(pipelines, nsfw=True, censor_nsfw=True, censorlist=["dog"])
+    runtime.safety = safety_checkers["flags"]
+    assert run(runtime, prompt="a cat ### dog")[1].images[0].state == "ok"
+
+
+def test_required_censor_without_checker_refuses(pipelines) -> None:
+    runtime = make_runtime(pipelines, nsfw=False, censor_nsfw=True)
+    with pytest.raises(CensorUnavailable):
+        run(runtime)
+
+
+def test_post_processing_in_order_and_unavailable_ones_reported(pipelines, tmp_path_factory) -> None:
+    from models.cache import ModelCache
+    from models.device import DevicePolicy
+    from postprocessors.registry import PostProcessorRegistry
+    from postprocessors.tiny import build_tiny_postprocessors
+
+    weights = tmp_path_factory.mktemp("gen-pp")
+    build_tiny_postprocessors(weights)
+    cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
+    runtime = make_runtime(pipelines)
+    runtime.postprocessors = PostProcessorRegistry(
+        weights_dir=weights, cache=cache, device=DevicePolicy.cpu()
+    )
+    _, result, _ = run(runtime, post_processing=["RealESRGAN_x2plus", "4xNomos8kSC"])
+    image = result.images[0]
+    assert image.image.size == (128, 128)
+    refs = [m["ref"] for m in image.metadata]
+    assert refs == ["post-processor 4xNomos8kSC is not available on this worker: skipped"]
+
+
+def test_post_processing_without_registry_is_skipped_and_reported(runtime: Runtime) -> None:
+    _, result, _ = run(runtime, post_processing=["GFPGAN"])
+    assert result.images[0].image.size == (64, 64)
+    assert result.images[0].metadata[0]["ref"].startswith("post-processor GFPGAN is not available")
