@@ -20,7 +20,7 @@ from PIL import Image
 from bridge.api_models import GenerationPayload
 from bridge.generation.censor import CENSORED_METADATA, CensorUnavailable
 from bridge.generation.masks import prepare_sources
-from bridge.generation.request import GenerationRequest, SourceKind, WorkerLimits, build_request
+from bridge.generation.request import GenerationRequest, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, _borrowed, run_generation
 from bridge.generation.substitutions import Substitution
 from bridge.images import encode_webp
@@ -182,7 +182,7 @@ def test_tiling_wraps_convolutions_and_puts_them_back(runtime: Runtime, pipeline
 
 def test_tiling_makes_the_image_a_torus(runtime: Runtime, pipelines) -> None:
     """With circular padding every layer commutes with a circular shift: shifting the starting noise by
-    2 latent pixels (the UNet's downsampling factor) shifts the image by 16 pixels. Without it, it does not."""
+    2 latent pixels (the UNet's downsampling factor) shifts the image by 16 pixels. Not without it."""
     request, _, _ = run(runtime, tiling=True)
     pipe = pipelines.base(SD1)
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))

@@ -79,7 +79,7 @@ def test_euler_ancestral_karras_uses_the_karras_schedule() -> None:
     ramp = np.linspace(0, 1, 10)
     lo, hi = sigmas[-2] ** (1 / rho), sigmas[0] ** (1 / rho)
     np.testing.assert_allclose(sigmas[:-1], (hi + ramp * (lo - hi)) ** rho, rtol=1e-5)
-    # diffusers' own Karras Euler (same schedule, no ancestral noise) puts sigmas and timesteps at the same places.
+    # diffusers' own Karras Euler (same schedule, no ancestral noise): same sigmas, same timesteps.
     reference = EulerDiscreteScheduler.from_config(base.config, use_karras_sigmas=True)
     reference.set_timesteps(10)
     np.testing.assert_allclose(sigmas, reference.sigmas.numpy(), rtol=1e-5)
