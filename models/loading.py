@@ -336,7 +336,21 @@ def load_pipeline(
         )
     # A worker's log is no place for per-step progress bars.
     pipe.set_progress_bar_config(disable=True)
+    _prefault(pipe)
     return pipe
+
+
+def _prefault(pipe: Any) -> None:
+    """safetensors weights arrive memory-mapped and are read lazily: read every page now, so that a model
+    the cache holds is in RAM (and the first job does not pay for the disk)."""
+    from models.cache import torch_modules
+
+    with torch.no_grad():
+        for module in torch_modules(pipe).values():
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.device.type == "cpu" and t.numel() and t.is_contiguous():
+                    step = max(1, 4096 // t.element_size())  # one element per 4 KiB page
+                    t.reshape(-1)[::step].sum()
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> Any:
