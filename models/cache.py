@@ -133,6 +133,8 @@ class _Entry:
     ram_bytes: int = 0
     loading: bool = True
     locks: int = 0
+    # Thread ident -> locks it holds: a thread never waits for models only it can release.
+    owners: dict[int, int] = field(default_factory=dict)
     on_device: bool = False
     vram_reserved: int = 0
     drop_pending: bool = False
@@ -245,7 +247,7 @@ class ModelCache:
                 evicted = True
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._others_hold(tier):
                 raise CacheFullError(
                     f"no room for {nbytes / MIB:.0f} MiB in {tier.value}: "
                     f"{self._used(tier) / MIB:.0f} of {budget / MIB:.0f} MiB held by models in use"
@@ -253,6 +255,15 @@ class ModelCache:
             logger.info("cache: waiting for a %s model to be released", tier.value)
             self._cond.wait(remaining)
         return evicted
+
+    def _others_hold(self, tier: Tier) -> bool:
+        """Whether another thread holds (or is loading) a model whose release would free `tier` room."""
+        me = threading.get_ident()
+        for entry in self._entries.values():
+            held = entry.ram_bytes if tier is Tier.RAM else entry.vram_reserved
+            if held and entry.locks > entry.owners.get(me, 0):
+                return True
+        return False
 
     def _lru_victim(self, tier: Tier) -> _Entry | None:
         for entry in self._entries.values():
@@ -293,12 +304,13 @@ class ModelCache:
                     break
                 self._cond.wait()  # another thread is loading this key
             if entry is not None:
-                entry.locks += 1
+                self._lock_entry(entry)
                 self._entries.move_to_end(key)
                 return entry
             reserve = int(size_hint or 0)
             evicted = self._make_room(reserve, Tier.RAM)
-            entry = _Entry(key=key, ram_bytes=reserve, locks=1)
+            entry = _Entry(key=key, ram_bytes=reserve)
+            self._lock_entry(entry)
             self._entries[key] = entry
         if evicted:
             _release_freed_memory()
@@ -336,9 +348,19 @@ class ModelCache:
         )
         return entry
 
+    @staticmethod
+    def _lock_entry(entry: _Entry) -> None:
+        me = threading.get_ident()
+        entry.locks += 1
+        entry.owners[me] = entry.owners.get(me, 0) + 1
+
     def _release(self, entry: _Entry) -> None:
         with self._cond:
+            me = threading.get_ident()
             entry.locks -= 1
+            entry.owners[me] -= 1
+            if not entry.owners[me]:
+                del entry.owners[me]
             dropped = entry.locks == 0 and entry.drop_pending and entry.key in self._entries
             if dropped:
                 self._remove(entry)

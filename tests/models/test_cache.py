@@ -163,6 +163,19 @@ def test_locked_model_survives_eviction_pressure():
         assert cache.resident() == ["huge"]
 
 
+def test_a_thread_never_waits_for_its_own_locks():
+    cache = make_cache(2, wait_timeout=60)
+    started = time.monotonic()
+    with (
+        cache.use("held", lambda: mib_module(2)),
+        pytest.raises(CacheFullError, match="in use"),
+        cache.use("other", lambda: mib_module(1)),
+    ):
+        pass
+    assert time.monotonic() - started < 5  # raised at once, not after the 60 s wait
+    assert cache.resident() == ["held"]
+
+
 def test_waits_for_a_locked_model_to_be_released():
     cache = make_cache(2, wait_timeout=10)
     holding = threading.Event()
