@@ -153,6 +153,23 @@ def touch(pipe) -> float:
     return time.perf_counter() - started
 
 
+def check_weights(pipe, checkpoint: Path) -> None:
+    """The shipped sd1 configs really loaded the file's weights (not a fresh random init)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as fh:
+        for key, got in [
+            ("model.diffusion_model.input_blocks.0.0.weight", pipe.unet.conv_in.weight),
+            (
+                "first_stage_model.decoder.mid.attn_1.q.weight",
+                pipe.vae.decoder.mid_block.attentions[0].to_q.weight,
+            ),
+        ]:
+            want = fh.get_tensor(key).reshape(got.shape).to(got.dtype)
+            assert torch.equal(got.detach().cpu(), want), key
+
+
 def make_manager(reference_path: Path, budget: int, device):
     from models.cache import ModelCache
     from models.manager import ModelManager
@@ -181,6 +198,7 @@ def phase_switch(reference_path: Path, device) -> float:
         with manager.pipeline(name) as pipe:
             touched = touch(pipe)
         colds.append(time.perf_counter() - started)
+        check_weights(pipe, dest / f"{name}.safetensors")
         out(f"cold load {name}: {colds[-1]:.2f}s (of which touching every weight after load {touched:.2f}s)")
     switches, touches = [], []
     for i in range(6):

@@ -279,3 +279,24 @@ def test_cuda_moves_from_pinned_memory_and_offloads_without_copies():
     assert "a" not in cache.on_device() and "a" in cache.resident()
     assert a.weight.device.type == "cpu" and a.weight.data_ptr() == ram_copy.data_ptr()
     assert cache.used_bytes(Tier.VRAM) <= 2 * MIB
+
+
+@pytest.mark.gpu
+def test_device_oom_drops_the_model_shrinks_the_budget_and_faults_typed():
+    from models.cache import DeviceOutOfMemoryError
+
+    device = DevicePolicy.detect()
+    assert device.is_cuda
+    total = device.vram_bytes()[1]
+    torch.cuda.set_per_process_memory_fraction(64 * MIB / total, device.device)
+    try:
+        cache = ModelCache(device, ram_budget_bytes=1024 * MIB, vram_budget_bytes=1024 * MIB)
+        module = mib_module(128)
+        with pytest.raises(DeviceOutOfMemoryError), cache.use("big", lambda: module):
+            pass
+        assert cache.resident() == [] and cache.used_bytes(Tier.VRAM) == 0
+        assert cache.vram_budget_bytes < 128 * MIB
+        assert module.weight.device.type == "cpu"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device.device)
+        torch.cuda.empty_cache()
