@@ -1,15 +1,10 @@
-"""Fixtures of the generation tests: the tiny models, built once, loaded from disk, shared by every test.
-
-`TinyPipelines` stands in for `ModelManager.pipeline()`, which is being written beside this package: it
-loads each tiny model's real diffusers pipeline from its saved folder and builds variants with
-`from_pipe`, as the manager does. The pipelines, schedulers and runner under test are all real.
-"""
+"""Fixtures of the generation tests: the tiny models, built once, served by the real ModelManager (loaded
+from disk: a single-file SD1 .ckpt/.safetensors, diffusers folders), shared by every test."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,48 +14,35 @@ from PIL import Image
 from bridge.config import BridgeConfig
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
+from models.cache import ModelCache
 from models.device import DevicePolicy
-from models.reference import ModelRecord, parse_reference
+from models.manager import ModelManager
+from models.reference import ModelReference
+
+GENERATION_MODELS = ("tiny-sd1-diffusers", "tiny-sd2-depth", "tiny-inpainting")
 
 
-class TinyPipelines:
-    """ready_models / record / pipeline(name, cls): the part of ModelManager the generation code uses."""
+class RecordingManager(ModelManager):
+    """The real ModelManager; it also notes which pipeline class each call asked for."""
 
-    def __init__(self, folders: dict[str, Path], records: dict[str, ModelRecord]) -> None:
-        self.folders = folders
-        self.records = records
-        self._base: dict[str, Any] = {}
-        self._variants: dict[tuple[str, type], Any] = {}
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.calls: list[tuple[str, type | None]] = []
-
-    def ready_models(self) -> list[str]:
-        return sorted(self.folders)
-
-    def record(self, name: str) -> ModelRecord:
-        return self.records[name]
-
-    def base(self, name: str) -> Any:
-        from diffusers import DiffusionPipeline
-
-        if name not in self._base:
-            pipe = DiffusionPipeline.from_pretrained(self.folders[name], local_files_only=True)
-            pipe.set_progress_bar_config(disable=True)
-            self._base[name] = pipe
-        return self._base[name]
 
     @contextlib.contextmanager
     def pipeline(self, name: str, pipeline_class: type | None = None) -> Iterator[Any]:
         self.calls.append((name, pipeline_class))
-        base = self.base(name)
-        if pipeline_class is None or type(base) is pipeline_class:
-            yield base
-            return
-        key = (name, pipeline_class)
-        if key not in self._variants:
-            variant = pipeline_class.from_pipe(base)
-            variant.set_progress_bar_config(disable=True)
-            self._variants[key] = variant
-        yield self._variants[key]
+        with super().pipeline(name, pipeline_class) as pipe:
+            yield pipe
+
+
+def make_manager(reference_json: Path, models: Sequence[str] = GENERATION_MODELS) -> RecordingManager:
+    root = reference_json.parent
+    reference = ModelReference.load(cache_dir=root / "ref-cache", upstream=None, extra_files=[reference_json])
+    cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
+    return RecordingManager(
+        reference=reference, cache=cache, device=DevicePolicy.cpu(), cache_home=root / "home", models=models
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,27 +53,10 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_records(tiny_reference: Path) -> dict[str, ModelRecord]:
-    data = json.loads(tiny_reference.read_text(encoding="utf-8"))
-    return parse_reference(data, category="stable_diffusion", base_dir=tiny_reference.parent)
-
-
-@pytest.fixture(scope="session")
-def pipelines(tiny_reference: Path, tiny_records: dict[str, ModelRecord], tmp_path_factory) -> TinyPipelines:
-    """tiny-sd1 (4-channel), tiny-sd2-depth and tiny-inpainting (9-channel) as diffusers folders."""
-    from models.tiny import tiny_pipeline
-
-    root = tiny_reference.parent
-    inpainting = tmp_path_factory.mktemp("gen-inpainting") / "tiny-inpainting"
-    # The reference ships the inpainting model as a .ckpt; single-file loading is the manager's job,
-    # so the same tiny model is saved here as a folder.
-    tiny_pipeline("inpainting", seed=4, work=inpainting.parent).save_pretrained(inpainting)
-    folders = {
-        "tiny-sd1-diffusers": root / "tiny-sd1-diffusers",
-        "tiny-sd2-depth": root / "tiny-sd2-depth",
-        "tiny-inpainting": inpainting,
-    }
-    return TinyPipelines(folders, {name: tiny_records[name] for name in folders})
+def pipelines(tiny_reference: Path) -> RecordingManager:
+    manager = make_manager(tiny_reference)
+    assert manager.ready_models() == list(GENERATION_MODELS)
+    return manager
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +76,7 @@ def safety_checkers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-def make_runtime(pipelines: TinyPipelines, **config: Any) -> Runtime:
+def make_runtime(pipelines: ModelManager, **config: Any) -> Runtime:
     overrides = {"max_power": 8, **config}
     return Runtime(
         config=BridgeConfig(**overrides),
@@ -122,7 +87,7 @@ def make_runtime(pipelines: TinyPipelines, **config: Any) -> Runtime:
 
 
 @pytest.fixture()
-def runtime(pipelines: TinyPipelines) -> Runtime:
+def runtime(pipelines: RecordingManager) -> Runtime:
     return make_runtime(pipelines)
 
 

@@ -25,7 +25,7 @@ from bridge.generation.runner import GenerationResult, _borrowed, run_generation
 from bridge.generation.substitutions import Substitution
 from bridge.images import encode_webp
 from bridge.runtime import Runtime
-from tests.bridge.generation.conftest import TinyPipelines, make_runtime
+from tests.bridge.generation.conftest import RecordingManager, make_runtime
 
 SD1 = "tiny-sd1-diffusers"
 
@@ -60,7 +60,7 @@ def pixels(result: GenerationResult, index: int = 0) -> np.ndarray:
     return np.asarray(result.images[index].image)
 
 
-def last_class(pipelines: TinyPipelines) -> type | None:
+def last_class(pipelines: RecordingManager) -> type | None:
     return pipelines.calls[-1][1]
 
 
@@ -77,7 +77,7 @@ def with_alpha(image: Image.Image, mask: Image.Image) -> Image.Image:
     return rgba
 
 
-def test_txt2img(runtime: Runtime, pipelines: TinyPipelines) -> None:
+def test_txt2img(runtime: Runtime, pipelines: RecordingManager) -> None:
     request, result, subs = run(runtime)
     assert last_class(pipelines) is StableDiffusionPipeline
     assert subs == [] and result.notes == []
@@ -135,7 +135,8 @@ def test_outpainting_on_a_plain_model_is_masked_img2img_and_reported(
         runtime, source=with_alpha(source_image, border), processing="outpainting", denoising_strength=0.8
     )
     assert last_class(pipelines) is StableDiffusionInpaintPipeline
-    assert pipelines.base(SD1).unet.config.in_channels == 4
+    with pipelines.pipeline(SD1) as pipe:
+        assert pipe.unet.config.in_channels == 4
     assert request.mode == "inpaint" and [s.field for s in subs] == ["source_processing"]
     assert "masked img2img" in subs[0].to_metadata()["ref"]
     _, unmasked, _ = run(runtime, source=source_image, processing="img2img", denoising_strength=0.8)
@@ -176,19 +177,19 @@ def test_tiling_wraps_convolutions_and_puts_them_back(runtime: Runtime, pipeline
     _, tiled, _ = run(runtime, tiling=True)
     _, plain, _ = run(runtime)
     assert not np.array_equal(pixels(tiled), pixels(plain))
-    modes = {m.padding_mode for m in pipelines.base(SD1).unet.modules() if isinstance(m, torch.nn.Conv2d)}
-    assert modes == {"zeros"}
+    with pipelines.pipeline(SD1) as pipe:
+        convs = [m for name in ("unet", "vae") for m in getattr(pipe, name).modules()]
+        assert {m.padding_mode for m in convs if isinstance(m, torch.nn.Conv2d)} == {"zeros"}
 
 
 def test_tiling_makes_the_image_a_torus(runtime: Runtime, pipelines) -> None:
     """With circular padding every layer commutes with a circular shift: shifting the starting noise by
     2 latent pixels (the UNet's downsampling factor) shifts the image by 16 pixels. Not without it."""
     request, _, _ = run(runtime, tiling=True)
-    pipe = pipelines.base(SD1)
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
 
     def draw(req: GenerationRequest, noise: torch.Tensor) -> np.ndarray:
-        with _borrowed(pipe, req, runtime.device) as config:
+        with pipelines.pipeline(SD1) as pipe, _borrowed(pipe, req, runtime.device) as config:
             pipe.scheduler = req.sampler.build(config, 0)
             out = pipe("a cat", num_inference_steps=2, latents=noise, output_type="np", width=64, height=64)
         return out.images[0]
@@ -230,7 +231,7 @@ def test_same_request_same_bytes(runtime: Runtime, sampler: str) -> None:
     assert first == second
 
 
-def test_censor_replaces_flagged_images(pipelines: TinyPipelines, safety_checkers) -> None:
+def test_censor_replaces_flagged_images(pipelines: RecordingManager, safety_checkers) -> None:
     runtime = make_runtime(pipelines, nsfw=False, censor_nsfw=True)
     runtime.safety = safety_checkers["flags"]
     _, result, _ = run(runtime, n_iter=2, post_processing=["RealESRGAN_x2plus"])

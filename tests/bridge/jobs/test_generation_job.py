@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,10 @@ from bridge.jobs.generation import GenerationJob, GenerationSource, pop_request
 from bridge.local_horde import CORRUPT_IMAGE_BYTES, DEFAULT_API_KEY, LocalHorde
 from bridge.runtime import Runtime
 from tests.bridge.generation import conftest as generation_fixtures
-from tests.bridge.generation.conftest import TinyPipelines, make_runtime
+from tests.bridge.generation.conftest import RecordingManager, make_manager, make_runtime
 
 # The tiny models and pipelines, shared (session-scoped) with the generation tests.
 tiny_reference = generation_fixtures.tiny_reference
-tiny_records = generation_fixtures.tiny_records
 pipelines = generation_fixtures.pipelines
 source_image = generation_fixtures.source_image
 
@@ -31,7 +31,7 @@ SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "k_euler"}
 
 
 @pytest.fixture(scope="module")
-def horde(pipelines: TinyPipelines) -> Iterator[LocalHorde]:
+def horde(pipelines: RecordingManager) -> Iterator[LocalHorde]:
     # Our bridge name gets reGen's capabilities here (img2img, painting, r2 sources); on the real horde an
     # operator sets bridge_agent to a recognised name for that.
     with LocalHorde(
@@ -47,7 +47,7 @@ def client(horde: LocalHorde) -> Iterator[HordeClient]:
 
 
 @pytest.fixture()
-def runtime(pipelines: TinyPipelines) -> Runtime:
+def runtime(pipelines: RecordingManager) -> Runtime:
     return make_runtime(pipelines, api_key=DEFAULT_API_KEY, dreamer_name="gen-test-worker", max_batch=4)
 
 
@@ -230,10 +230,9 @@ def test_pop_request_from_legacy_config() -> None:
     assert body["allow_lora"] is False  # not implemented: never advertised
 
 
-def test_idle_pop_and_no_ready_models(
-    client: HordeClient, runtime: Runtime, pipelines: TinyPipelines
-) -> None:
+def test_idle_pop_and_no_ready_models(client: HordeClient, runtime: Runtime, tiny_reference: Path) -> None:
     assert GenerationSource().pop(client, runtime, capacity=1) == []
     assert GenerationSource().pop(client, runtime, capacity=0) == []
-    empty = make_runtime(TinyPipelines({}, {}))
+    empty = make_runtime(make_manager(tiny_reference, models=[]))
     assert not GenerationSource().ready(empty)
+    assert GenerationSource().pop(client, empty, capacity=1) == []
