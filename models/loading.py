@@ -334,10 +334,24 @@ def load_pipeline(
             dtype=device.dtype,
             **_single_file_components(plan, depth_estimator_dir, device.dtype),
         )
+    _check_complete(pipe, record.name)
     # A worker's log is no place for per-step progress bars.
     pipe.set_progress_bar_config(disable=True)
     _prefault(pipe)
     return pipe
+
+
+def _check_complete(pipe: Any, name: str) -> None:
+    """diffusers leaves a weight it found no value for on the meta device, silently: refuse such a model."""
+    from models.cache import torch_modules
+
+    for component, module in torch_modules(pipe).items():
+        missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"model {name!r}: the checkpoint has no weights for {len(missing)} tensors of {component} "
+                f"(first: {missing[0]}); wrong config family or a partial checkpoint"
+            )
 
 
 def _prefault(pipe: Any) -> None:

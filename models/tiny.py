@@ -72,11 +72,11 @@ def _tokenizer(work: Path) -> Any:
     )
 
 
-def _text_encoder(tokenizer: Any) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(tokenizer: Any, *, with_projection: bool = False, hidden_size: int = 32) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -87,7 +87,7 @@ def _text_encoder(tokenizer: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=32,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def _unet(in_channels: int, *, sd2: bool = False) -> Any:
@@ -104,6 +104,30 @@ def _unet(in_channels: int, *, sd2: bool = False) -> Any:
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
+        norm_num_groups=8,
+    ).eval()
+
+
+def _sdxl_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    # Cross-attention 96 = both text encoders' hidden sizes (32 + 64); the added-condition input is the
+    # second encoder's 32-wide pooled projection plus six 8-wide time ids.
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=96,
         norm_num_groups=8,
     ).eval()
 
@@ -161,7 +185,7 @@ def _depth_estimator() -> tuple[Any, Any]:
 
 
 def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
-    """A tiny random-weight pipeline: kind is "sd1", "inpainting" or "depth"."""
+    """A tiny random-weight pipeline: kind is "sd1", "inpainting", "depth" or "sdxl"."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -171,6 +195,15 @@ def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
         "text_encoder": _text_encoder(tokenizer),
         "tokenizer": tokenizer,
     }
+    if kind == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            unet=_sdxl_unet(),
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(_scheduler().config),
+            # diffusers tells SDXL's two encoders apart by width, as the real ones (768, 1280) differ.
+            text_encoder_2=_text_encoder(tokenizer, with_projection=True, hidden_size=64),
+            tokenizer_2=tokenizer,
+            **common,
+        )
     if kind == "depth":
         estimator, processor = _depth_estimator()
         return diffusers.StableDiffusionDepth2ImgPipeline(
@@ -319,11 +352,12 @@ _OPEN_CLIP_PARTS = {
 }
 
 
-def text_encoder_to_open_clip(text_encoder: Any) -> dict[str, torch.Tensor]:
-    """A CLIP text encoder in the OpenCLIP layout of SD 2.x checkpoints (`cond_stage_model.model.*`),
-    q/k/v fused into `in_proj`."""
+def text_encoder_to_open_clip(
+    text_encoder: Any, prefix: str = "cond_stage_model.model."
+) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in the OpenCLIP layout of SD 2.x (and SDXL's second encoder, with its
+    projection) checkpoints, q/k/v fused into `in_proj`."""
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    prefix = "cond_stage_model.model."
     out = {
         prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
         prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
@@ -339,14 +373,24 @@ def text_encoder_to_open_clip(text_encoder: Any) -> dict[str, torch.Tensor]:
         for key in [k for k in state if k.startswith(layer)]:
             _, part, tail = _split_prefix(key[len(layer) :], _OPEN_CLIP_PARTS)
             out[block + part + tail] = state.pop(key)
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T
     return out
 
 
 def pipeline_to_ldm(pipe: Any, *, open_clip: bool = False) -> dict[str, torch.Tensor]:
     """A Stable Diffusion pipeline's weights in the original single-file (LDM) key layout; `open_clip`
     writes the text encoder as SD 2.x checkpoints do."""
-    text = text_encoder_to_open_clip if open_clip else text_encoder_to_ldm
-    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text(pipe.text_encoder)}
+    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae)}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: CLIP ViT-L and OpenCLIP bigG
+        first = "conditioner.embedders.0.transformer."
+        for key, value in text_encoder_to_ldm(pipe.text_encoder).items():
+            state[first + key.removeprefix("cond_stage_model.transformer.")] = value
+        state.update(text_encoder_to_open_clip(pipe.text_encoder_2, prefix="conditioner.embedders.1.model."))
+    elif open_clip:
+        state.update(text_encoder_to_open_clip(pipe.text_encoder))
+    else:
+        state.update(text_encoder_to_ldm(pipe.text_encoder))
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 

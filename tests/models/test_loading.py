@@ -213,6 +213,45 @@ def test_depth_folder_and_single_file_load(tiny_ref, tmp_path):
         load_pipeline(single, tmp_path, CPU, plan=plan.__class__(**{**plan.__dict__, "shipped_config": True}))
 
 
+def test_sdxl_single_file_with_both_text_encoders(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.tiny import _save_config_folder
+
+    pipe = tiny_pipeline("sdxl", seed=5, work=tmp_path)
+    save_file(pipeline_to_ldm(pipe), str(tmp_path / "xl.safetensors"))
+    _save_config_folder(pipe, tmp_path / "xl-config", tmp_path)
+    record = ModelRecord(
+        name="tiny-xl",
+        baseline="stable_diffusion_xl",
+        files=[{"path": "xl.safetensors"}],
+        extra={"diffusers_config": "xl-config"},
+    )
+    plan = plan_load(record, tmp_path)
+    assert plan.family == "sdxl"
+    loaded = load_pipeline(record, tmp_path, CPU, plan=plan)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        got, want = getattr(loaded, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert generate(loaded).size == (64, 64)
+
+
+def test_partial_checkpoint_is_refused_not_left_half_loaded(tiny_ref, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    record = tiny_ref.get("tiny-sd1")
+    state = load_file(str(record.base_dir / "tiny-sd1.safetensors"))
+    del state["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"]
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    shutil.copytree(record.base_dir / "tiny-sd1-config", tmp_path / "cfg")
+    partial = ModelRecord(
+        name="partial", files=[{"path": "partial.safetensors"}], extra={"diffusers_config": "cfg"}
+    )
+    with pytest.raises(ModelLoadError, match="no weights for 1 tensors of text_encoder"):
+        load_pipeline(partial, tmp_path, CPU)
+
+
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
 
