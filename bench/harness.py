@@ -1,0 +1,111 @@
+"""Shared by the daemon benchmarks: a real worker (tiny SD pipeline) against the local horde.
+
+Execution intervals are recorded by wrapping each popped job's `execute` (instrumentation only: the job,
+the loop and the HTTP exchange are the real ones).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bridge.config import build_config  # noqa: E402
+from bridge.daemon import Daemon, LoopTimings  # noqa: E402
+from bridge.horde_api import HordeClient  # noqa: E402
+from bridge.jobs.generation import GenerationSource  # noqa: E402
+from bridge.journal import Journal  # noqa: E402
+from bridge.retry import RetryPolicy  # noqa: E402
+from bridge.stats import Stats  # noqa: E402
+from bridge.worker import build_worker  # noqa: E402
+
+CACHE = REPO / ".bench-cache"
+MODEL = "tiny-sd1"
+
+
+@dataclass
+class Intervals:
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, start: float, end: float) -> None:
+        with self.lock:
+            self.spans.append((start, end))
+
+    def busy_fraction(self) -> float:
+        """Time inside execute (union of spans) / wall from the first start to the last end."""
+        spans = sorted(self.spans)
+        busy, cursor = 0.0, spans[0][0]
+        for start, end in spans:
+            start = max(start, cursor)
+            if end > start:
+                busy += end - start
+                cursor = end
+        return busy / (spans[-1][1] - spans[0][0])
+
+
+class TimedSource(GenerationSource):
+    def __init__(self, intervals: Intervals):
+        self.intervals = intervals
+
+    def pop(self, client, runtime, capacity):
+        jobs = super().pop(client, runtime, capacity)
+        for job in jobs:
+            real = job.execute
+
+            def timed(rt, real=real):
+                start = time.perf_counter()
+                try:
+                    return real(rt)
+                finally:
+                    self.intervals.add(start, time.perf_counter())
+
+            job.execute = timed
+        return jobs
+
+
+def tiny_reference() -> Path:
+    from models.tiny import build_tiny_models
+
+    return build_tiny_models(CACHE / "tiny" / "sd")
+
+
+def worker_for(horde, reference: Path, *, queue_size: int = 1, max_threads: int = 1):
+    settings = {
+        "horde_url": horde.base_url, "api_key": horde.api_key, "models_to_load": [MODEL],
+        "dreamer": True, "alchemist": False, "force_cpu_generation": True, "queue_size": queue_size,
+        "max_threads": max_threads, "cache_home": str(CACHE / "cache"), "state_dir": str(CACHE / "state"),
+        "bridge_agent": "AI Horde Worker reGen:10.0.0:bench", "allow_post_processing": False,
+    }
+    config = build_config(settings, environ={}).config
+    client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
+                         retry=RetryPolicy(base_delay=0.05, max_delay=0.5))
+    worker = build_worker(config, client=client, reference_files=[reference], weights_dir=CACHE / "tiny",
+                          upstream_reference=False)
+    return config, client, worker
+
+
+def run_jobs(horde, client, worker, intervals: Intervals, requests: list[str], timeout: float = 900.0):
+    """Serve `requests` with the real daemon; returns (wall seconds from first pop to last done, stats)."""
+    daemon = Daemon(client=client, runtime=worker.runtime, sources=[TimedSource(intervals)],
+                    journal=Journal(CACHE / "state" / f"bench-{time.time_ns()}.json"), stats=Stats(),
+                    timings=LoopTimings(idle_poll_s=0.05))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    horde.wait_done(requests, timeout=timeout, poll=0.02)
+    wall = time.perf_counter() - started
+    daemon.request_stop("benchmark done")
+    thread.join(timeout=60)
+    return wall, daemon.stats
+
+
+def generation_params(size: int, steps: int) -> dict:
+    return {"width": size, "height": size, "steps": steps, "sampler_name": "k_euler", "cfg_scale": 5.0,
+            "seed": "7"}

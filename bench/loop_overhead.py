@@ -1,0 +1,71 @@
+"""bench/loop_overhead: what the bridge's loop adds to a job, with no added API latency.
+
+Side by side in one run, alternating: (a) bare: the same generation jobs popped by hand and executed one
+after another (`prepare` + `execute` only, nothing else); (b) bridge: the real daemon serving the same
+number of jobs end to end (pop, prepare, execute, upload, submit). Target: bridge wall per job / bare per job
+<= 1.03.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
+
+from bridge.jobs.generation import GenerationSource
+from bridge.local_horde import LocalHorde
+
+JOBS = 20
+ROUNDS = 3
+SIZE, STEPS = 128, 3
+
+
+def request(horde, i: int) -> str:
+    return horde.request_generation(generation_params(SIZE, STEPS), models=["tiny-sd1"], prompt=f"a boat {i}")
+
+
+def bare_round(horde, client, worker) -> float:
+    """Seconds per job executing popped jobs directly, without the loop. Popping before and sending after
+    are outside the timed region."""
+    for i in range(JOBS):
+        request(horde, i)
+    jobs, source = [], GenerationSource()
+    while len(jobs) < JOBS:
+        jobs += source.pop(client, worker.runtime, 1)
+    started = time.perf_counter()
+    results = []
+    for job in jobs:
+        job.prepare(worker.runtime)
+        results.append((job, job.execute(worker.runtime)))
+    per_job = (time.perf_counter() - started) / JOBS
+    for job, submissions in results:
+        for submission in submissions:
+            job.send(client, submission)
+    return per_job
+
+
+def bridge_round(horde, client, worker) -> float:
+    requests = [request(horde, i) for i in range(JOBS)]
+    wall, _ = run_jobs(horde, client, worker, Intervals(), requests)
+    return wall / JOBS
+
+
+def main() -> None:
+    reference = tiny_reference()
+    with LocalHorde(known_models=["tiny-sd1"]) as horde:
+        _, client, worker = worker_for(horde, reference, queue_size=1)
+        bridge_round(horde, client, worker)  # warm-up: model load, first-call costs
+        bare, bridge = [], []
+        for _ in range(ROUNDS):
+            bare.append(bare_round(horde, client, worker))
+            bridge.append(bridge_round(horde, client, worker))
+    bare_s, bridge_s = statistics.median(bare), statistics.median(bridge)
+    print(f"{JOBS} jobs x {ROUNDS} rounds at {SIZE}x{SIZE}, {STEPS} steps")
+    print(f"bare per job {bare_s:.3f} s (rounds {', '.join(f'{v:.3f}' for v in bare)})")
+    print(f"bridge per job {bridge_s:.3f} s (rounds {', '.join(f'{v:.3f}' for v in bridge)})")
+    print(f"loop_overhead wall_over_bare {bridge_s / bare_s:.3f} (target <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()
