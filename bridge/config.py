@@ -72,6 +72,10 @@ NOT_ACTED_ON: dict[str, str] = {
     "allow_sdxl_controlnet": "ControlNet is not implemented; the worker always pops with it false",
     "allow_lora": "LoRA is not implemented; the worker always pops with allow_lora false",
     "max_lora_cache_size": "LoRA is not implemented",
+    "dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
+    "number_of_dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
+    "temp_dir": "the worker writes no scratch files",
+    "suppress_speed_warnings": "the worker emits no speed warnings yet",
 }
 
 # Old spellings that mean the same key.
@@ -324,8 +328,10 @@ def semantic_warnings(config: BridgeConfig) -> list[str]:
             f"bridge_agent {bridge_agent_name(config)!r} is not a name the horde recognises: it will offer "
             "no img2img, inpainting or post-processing jobs and pays 0.75x kudos"
         )
-    if config.dreamer_name and config.dreamer_name == config.alchemist_name:
-        warnings.append("dreamer_name and alchemist_name are equal: the horde needs distinct worker names")
+    if dreamer_name(config) == config.alchemist_name and config.dreamer is not False \
+            and config.alchemist is not False:
+        warnings.append("the image worker's name (dreamer_name / worker_name) equals alchemist_name: "
+                        "the horde needs distinct names when both run")
     for key, why in NOT_ACTED_ON.items():
         if getattr(config, key) != BridgeConfig.model_fields[key].default:
             warnings.append(f"{key} is set but not acted on yet: {why}")

@@ -142,6 +142,20 @@ def greet(client: HordeClient, config: BridgeConfig, worker: Worker) -> None:
     names += [config.alchemist_name] if worker.alchemist else []
     log.info("serving as %s (kudos %s) with worker(s) %s", user.get("username", "?"), user.get("kudos", "?"),
              ", ".join(repr(n) for n in names))
+    if config.remove_maintenance_on_init:
+        leave_maintenance(client, user, names)
+
+
+def leave_maintenance(client: HordeClient, user: dict, names: list[str]) -> None:
+    """remove_maintenance_on_init: PUT /workers/{id} {"maintenance": false} for our workers in it."""
+    for worker_id in user.get("worker_ids") or []:
+        try:
+            details = client.get_worker(worker_id)
+            if details.get("name") in names and details.get("maintenance_mode"):
+                client.set_maintenance(worker_id, False)
+                log.info("worker %r left maintenance mode", details.get("name"))
+        except HordeError as err:
+            log.warning("could not clear maintenance of worker %s: %s", worker_id, err)
 
 
 def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
