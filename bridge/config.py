@@ -35,7 +35,8 @@ KNOWN_FORMS = (
     "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
     "4x_AnimeSharp", "CodeFormers", "strip_background",
 )  # fmt: skip
-_MEMORY_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|mb|gb)?\s*$", re.IGNORECASE)
+# The format models.cache.leave_free_bytes computes with: "80%" of the total, or megabytes ("4096", "4096MB").
+_MEMORY_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|mb|mib|m)?\s*$", re.IGNORECASE)
 
 # Keys the legacy workers read that have no meaning for this bridge (their machinery does not exist here).
 # They are accepted so an old file loads, and --check-config lists them.
@@ -147,7 +148,7 @@ class BridgeConfig(BaseModel):
         text = str(value)
         match = _MEMORY_SPEC.match(text)
         if not match or (match.group(2) == "%" and float(match.group(1)) > 100):
-            raise ValueError("expected a percentage like '80%' or megabytes like 4096 (or '4GB')")
+            raise ValueError("expected a percentage like '80%' or megabytes like 4096")
         return text.strip()
 
     @field_validator("forms")
@@ -199,17 +200,6 @@ def bridge_agent_name(config: BridgeConfig) -> str:
 
 def is_anonymous(config: BridgeConfig) -> bool:
     return config.api_key.get_secret_value() == ANONYMOUS_API_KEY
-
-
-def memory_to_leave_free(spec: str, total_bytes: int) -> int:
-    """'80%' of total, or megabytes ('4096', '4096MB') or gigabytes ('4GB')."""
-    match = _MEMORY_SPEC.match(spec)
-    if not match:
-        raise ValueError(f"bad memory spec {spec!r}")
-    number, unit = float(match.group(1)), (match.group(2) or "mb").lower()
-    if unit == "%":
-        return int(total_bytes * number / 100)
-    return int(number * (1024**3 if unit == "gb" else 1024**2))
 
 
 def modes(config: BridgeConfig, *, has_gpu: bool) -> tuple[bool, bool]:

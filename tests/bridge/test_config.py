@@ -20,7 +20,6 @@ from bridge.config import (
     dreamer_name,
     load_config,
     max_pixels,
-    memory_to_leave_free,
     modes,
 )
 
@@ -102,8 +101,10 @@ def test_precedence_yaml_then_env_then_cli():
 
 
 def test_api_key_from_environment_and_horde_url_variable():
-    loaded = build_config({"api_key": "file-key-123"}, environ={"HORDE_API_KEY": SECRET,
-                                                                "HORDE_URL": "https://aihorde.net/api/"})
+    loaded = build_config(
+        {"api_key": "file-key-123"},
+        environ={"HORDE_API_KEY": SECRET, "HORDE_URL": "https://aihorde.net/api/"},
+    )
     assert loaded.config.api_key.get_secret_value() == SECRET
     assert api_base(loaded.config) == "https://aihorde.net"
 
@@ -157,10 +158,8 @@ def test_reGen_alias_keys():
 
 
 def test_memory_specs_and_modes():
-    total = 10 * 1024**3
-    assert memory_to_leave_free("80%", total) == 8 * 1024**3
-    assert memory_to_leave_free("2048", total) == 2048 * 1024**2
-    assert memory_to_leave_free("4GB", total) == 4 * 1024**3
+    for spec in ("80%", "2048", "2048MB", 4096):
+        assert build_config({"ram_to_leave_free": spec}, environ={}).config.ram_to_leave_free == str(spec)
     config = build_config({}, environ={}).config
     assert modes(config, has_gpu=False) == (False, True)
     assert modes(config, has_gpu=True) == (True, False)
@@ -184,8 +183,14 @@ def _run_cli(*args: str, env_key: str | None = None) -> subprocess.CompletedProc
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     if env_key:
         env["HORDE_API_KEY"] = env_key
-    return subprocess.run([sys.executable, str(REPO / "run_worker.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_worker.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_check_config_on_committed_file_exits_zero_and_masks_the_key():
