@@ -21,10 +21,11 @@ from bridge.api_models import GenerationPayload
 from bridge.generation.censor import CENSORED_METADATA, CensorUnavailable
 from bridge.generation.masks import prepare_sources
 from bridge.generation.request import GenerationRequest, WorkerLimits, build_request
-from bridge.generation.runner import GenerationResult, _borrowed, run_generation
+from bridge.generation.runner import GenerationResult, _borrowed, run_generation, steps_for
 from bridge.generation.substitutions import Substitution
 from bridge.images import encode_webp
 from bridge.runtime import Runtime
+from models.device import DevicePolicy
 from tests.bridge.generation.conftest import RecordingManager, make_runtime
 
 SD1 = "tiny-sd1-diffusers"
@@ -293,3 +294,26 @@ def test_post_processing_without_registry_is_skipped_and_reported(runtime: Runti
     _, result, _ = run(runtime, post_processing=["GFPGAN"])
     assert result.images[0].image.size == (64, 64)
     assert result.images[0].metadata[0]["ref"].startswith("post-processor GFPGAN is not available")
+
+
+def test_large_images_decode_in_vae_tiles_on_cuda_only(runtime: Runtime, pipelines: RecordingManager) -> None:
+    request, _, _ = run(runtime)
+    large = replace(request, width=1024, height=1024)
+    cuda = DevicePolicy(device=torch.device("cuda", 0), dtype=torch.float16, pin_memory=True)
+    with pipelines.pipeline(SD1) as pipe:
+        for policy, size_request, tiles in (
+            (cuda, large, True),
+            (cuda, request, False),
+            (runtime.device, large, False),
+        ):
+            with _borrowed(pipe, size_request, policy):
+                assert pipe.vae.use_tiling is tiles
+            assert pipe.vae.use_tiling is False
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "expected"), [(30, 0.5, 30), (2, 0.5, 2), (1, 0.6, 2), (1, 0.1, 10)]
+)
+def test_img2img_passes_run_at_least_one_step(steps: int, strength: float, expected: int) -> None:
+    assert steps_for(steps, strength) == expected
+    assert int(steps_for(steps, strength) * strength) >= 1

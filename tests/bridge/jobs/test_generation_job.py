@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,20 @@ def test_idle_pop_and_no_ready_models(client: HordeClient, runtime: Runtime, tin
     empty = make_runtime(make_manager(tiny_reference, models=[]))
     assert not GenerationSource().ready(empty)
     assert GenerationSource().pop(client, empty, capacity=1) == []
+
+
+def test_without_r2_the_image_is_submitted_as_base64(runtime: Runtime, pipelines: RecordingManager) -> None:
+    # An unrecognised bridge name gets no capabilities from the horde: no r2 upload URLs.
+    with (
+        LocalHorde(known_models=pipelines.ready_models()) as plain_horde,
+        HordeClient(plain_horde.base_url, DEFAULT_API_KEY, client_agent="tests:0:none") as plain_client,
+    ):
+        rid = plain_horde.request_generation(SMALL, models=[SD1], r2=False)
+        job = pop_one(plain_client, runtime)
+        assert job.pop.upload_url_for(job.ids[0]) is None
+        [submission] = finish(plain_horde, plain_client, runtime, job)
+        [submit] = plain_horde.submits(submission.job_id)
+        assert submit["generation"] != "R2"
+        status = plain_horde.wait_done([rid])[rid]
+        stored = base64.b64decode(status["generations"][0]["img"])
+        assert Image.open(io.BytesIO(stored)).size == (64, 64)
