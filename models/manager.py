@@ -114,8 +114,8 @@ class ModelManager:
         todo = [self.record(name) for name in self._models if not self.is_ready(name)]
         outcomes = self._downloader.ensure_all(todo)
         for name, outcome in outcomes.items():
-            if not getattr(outcome, "ready", False):
-                logger.error("model %r could not be downloaded: %s", name, getattr(outcome, "error", "?"))
+            if not outcome.ok:
+                logger.error("model %r could not be downloaded: %s", name, outcome.reason)
         return {name: self.is_ready(name) for name in self._models}
 
     # --- pipelines ------------------------------------------------------------------------------------

@@ -157,3 +157,46 @@ def test_unloadable_model_stops_being_advertised(model_tree):
     assert manager.ready_models() == ["tiny-sd1"]
     assert "junk" in manager.broken_models()
     assert manager._cache.resident() == []
+
+
+def test_missing_models_are_downloaded_verified_then_served(tiny_models, tmp_path):
+    """The tiny-sd1 files served over loopback HTTP, as an upstream record with download URLs."""
+    import functools
+    import http.server
+
+    from models.downloads import Downloader
+    from models.reference import parse_reference
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_models.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        raw = json.loads(tiny_models.read_text())["tiny-sd1"]
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        raw["config"]["download"] = [
+            {
+                "file_name": f["path"].rsplit("/", 1)[-1],
+                "file_path": f["path"].rpartition("/")[0],
+                "file_url": f"{base}/{f['path']}",
+            }
+            for f in raw["config"]["files"]
+        ]
+        records = parse_reference({"tiny-sd1": raw}, category="stable_diffusion")
+        home = tmp_path / "home"
+        manager = ModelManager(
+            reference=ModelReference(records),
+            cache=ModelCache(CPU, ram_budget_bytes=64 * MIB),
+            device=CPU,
+            cache_home=home,
+            models=["tiny-sd1"],
+            downloader=Downloader(home, progress=False),
+        )
+        assert manager.ready_models() == []
+        assert manager.download_missing() == {"tiny-sd1": True}
+        assert manager.files_dir("tiny-sd1") == home / "checkpoints"
+        assert manager.ready_models() == ["tiny-sd1"]
+        with manager.pipeline("tiny-sd1") as pipe:
+            assert draw(pipe).shape == (64, 64, 3)
+    finally:
+        server.shutdown()
