@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.cache import ModelCache
+from postprocessors.base import module_device_dtype, pil_to_tensor
+from postprocessors.registry import PostProcessorRegistry
+from postprocessors.tiling import plan_tiles, tiled_upscale
+from tests.postprocessors.helpers import picture
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "pad"), [(37, 23, 8, 3), (64, 64, 64, 16), (5, 70, 16, 0)]
+)
+def test_tiles_cover_every_pixel_once(height: int, width: int, tile: int, pad: int) -> None:
+    covered = np.zeros((height, width), dtype=int)
+    for t in plan_tiles(height, width, tile, pad):
+        covered[t.y0 : t.y1, t.x0 : t.x1] += 1
+        assert 0 <= t.py0 <= t.y0 < t.y1 <= t.py1 <= height
+        assert 0 <= t.px0 <= t.x0 < t.x1 <= t.px1 <= width
+        # The context is the full pad wherever the image has it.
+        assert t.y0 - t.py0 == min(pad, t.y0) and t.px1 - t.x1 == min(pad, width - t.x1)
+    assert (covered == 1).all()
+
+
+def test_tiled_result_matches_a_whole_image_pass(registry: PostProcessorRegistry, cache: ModelCache) -> None:
+    """With context padding beyond the network's receptive field, tiling changes nothing (no seams)."""
+    upscaler = registry.get("RealESRGAN_x4plus")
+    image = picture((50, 44))
+    with cache.use(upscaler.cache_key, upscaler._load) as model:
+        device, dtype = module_device_dtype(model.module)
+        tensor = pil_to_tensor(image, device, dtype)
+        whole = tiled_upscale(model.descriptor, tensor, scale=4, tile=64, pad=0)
+        tiled = tiled_upscale(model.descriptor, tensor, scale=4, tile=16, pad=24)
+        seamy = tiled_upscale(model.descriptor, tensor, scale=4, tile=16, pad=0)
+    assert whole.shape == tiled.shape == (176, 200, 3)
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+    # Without context the tile borders show: the padding is what makes the result seamless.
+    assert np.abs(whole.astype(int) - seamy.astype(int)).max() > 1
+
+
+def test_a_network_returning_the_wrong_size_is_caught() -> None:
+    with pytest.raises(RuntimeError, match="returned"):
+        tiled_upscale(lambda x: x, torch.zeros(1, 3, 8, 8), scale=2, tile=4, pad=1)
