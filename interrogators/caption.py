@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,17 @@ class Captioner:
         finally:
             self.load_seconds += time.perf_counter() - started
 
+    def loaded(self) -> AbstractContextManager[BlipBundle]:
+        """The model bundle on the execution device, locked in the cache while the block runs."""
+        return self._cache.use(self.key, self._load)
+
     def warm(self) -> None:
-        with self._cache.use(self.key, self._load):
+        with self.loaded():
             pass
 
     def caption(self, image: Image.Image, options: Mapping[str, Any] | None = None) -> dict[str, str]:
         settings = CaptionOptions.from_payload(options)
-        with self._cache.use(self.key, self._load) as bundle:
+        with self.loaded() as bundle:
             inputs = bundle.processor(images=rgb(image), return_tensors="pt")
             device, dtype = module_place(bundle.model)
             pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,14 @@ class ClipInterrogator:
         finally:
             self.load_seconds += time.perf_counter() - started
 
+    def loaded(self) -> AbstractContextManager[ClipBundle]:
+        """The model bundle on the execution device, locked in the cache while the block runs."""
+        return self._cache.use(self.key, self._load)
+
     def warm(self) -> None:
         """Load the model and make sure every category's embeddings exist: done at start, the first
         interrogation on a CPU would otherwise spend a minute of its 3-minute TTL embedding terms."""
-        with self._cache.use(self.key, self._load) as bundle:
+        with self.loaded() as bundle:
             for terms in self._lists.values():
                 self._term_embeddings(bundle, terms)
 
@@ -154,7 +159,7 @@ class ClipInterrogator:
         payload = options or {}
         top_count = option_int(payload, "top_count", DEFAULT_TOP_COUNT, 1, MAX_TOP_COUNT)
         rank = option_bool(payload, "rank", False)
-        with self._cache.use(self.key, self._load) as bundle:
+        with self.loaded() as bundle:
             image_features = self.image_embedding(bundle, image)
             tables = {c: self._term_embeddings(bundle, t) for c, t in self._lists.items()}
         result: dict[str, list[dict[str, Any]]] = {c: [] for c in CATEGORIES}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,18 @@ class NsfwChecker:
         finally:
             self.load_seconds += time.perf_counter() - started
 
+    def loaded(self) -> AbstractContextManager[SafetyBundle]:
+        """The model bundle on the execution device, locked in the cache while the block runs."""
+        return self._cache.use(self.key, self._load)
+
     def warm(self) -> None:
-        with self._cache.use(self.key, self._load):
+        with self.loaded():
             pass
 
     def is_nsfw(self, images: list[Image.Image]) -> list[bool]:
         if not images:
             return []
-        with self._cache.use(self.key, self._load) as bundle:
+        with self.loaded() as bundle:
             inputs = bundle.processor(images=[rgb(i) for i in images], return_tensors="pt")
             device, dtype = module_place(bundle.model)
             clip_input = inputs["pixel_values"].to(device=device, dtype=dtype)

@@ -113,7 +113,7 @@ def _write_bert_vocab(folder: Path) -> Path:
     return path
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's byte-level alphabet: every byte maps to a printable character."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -129,7 +129,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _write_clip_vocab(folder: Path) -> tuple[Path, Path, int, int, int]:
     """vocab.json + merges.txt for a byte-level CLIPTokenizer. Returns paths, vocab size, bos and eos ids."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     merges = [("t", "h"), ("th", "e</w>"), ("a", "r"), ("i", "n"), ("o", "n</w>")]
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
