@@ -270,10 +270,10 @@ def phase_gpu(reference_path: Path, device) -> None:
         out("gpu ram->vram move: skipped (no CUDA device)")
         return
     manager, cache = make_manager(reference_path, 64 * GIB, device)
-    with manager.pipeline(MODELS[0]):
-        pass
-    size = object_bytes(cache._entries[MODELS[0]].obj)
-    cache._offload(cache._entries[MODELS[0]])
+    with manager.pipeline(MODELS[0]) as pipe:
+        size = object_bytes(pipe)
+    del pipe
+    assert cache.offload(MODELS[0]), "the model should have been on the device"
     torch.cuda.synchronize()
     started = time.perf_counter()
     with manager.pipeline(MODELS[0]):

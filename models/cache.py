@@ -201,6 +201,15 @@ class ModelCache:
             self._remove(entry)
         _release_freed_memory()
 
+    def offload(self, key: str) -> bool:
+        """Free a model's device copy now (its RAM copy stays); False if in use or not on the device."""
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None or entry.locks or not entry.vram_reserved:
+                return False
+            self._offload(entry)
+            return True
+
     def make_room(self, nbytes: int, tier: Tier | str = Tier.RAM) -> None:
         """Evict least-recently-used unlocked models until `nbytes` more fit in `tier`'s budget; wait for
         locked models to be released if that is the only way, up to the cache's wait timeout."""

@@ -262,6 +262,7 @@ def test_cpu_use_is_a_no_op_move():
         assert got is module
         assert got.weight.device.type == "cpu"
     assert cache.on_device() == []
+    assert cache.offload("m") is False
     assert cache.used_bytes(Tier.VRAM) == 0
 
 
@@ -279,6 +280,8 @@ def test_cuda_moves_from_pinned_memory_and_offloads_without_copies():
     assert "a" not in cache.on_device() and "a" in cache.resident()
     assert a.weight.device.type == "cpu" and a.weight.data_ptr() == ram_copy.data_ptr()
     assert cache.used_bytes(Tier.VRAM) <= 2 * MIB
+    assert cache.offload("c") and "c" not in cache.on_device()
+    assert not cache.offload("a")  # already off the device
 
 
 @pytest.mark.gpu
