@@ -76,6 +76,7 @@ NOT_ACTED_ON: dict[str, str] = {
     "dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
     "number_of_dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
     "temp_dir": "the worker writes no scratch files",
+    "always_download": "missing model files are always downloaded at start; the worker never asks",
     "suppress_speed_warnings": "the worker emits no speed warnings yet",
 }
 

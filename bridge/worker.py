@@ -83,7 +83,9 @@ def build_worker(
         runtime.postprocessors = _postprocessors(weights, cache, device)
     names = dict(interrogator_models or {})
     if dream:
+        _quiet_diffusers()
         runtime.models = _model_manager(config, cache, device, reference_files, client, upstream_reference)
+        runtime.models.download_missing()
         runtime.safety = _safety_checker(weights, cache, device, names)
         from bridge.jobs.generation import GenerationSource
 
@@ -97,6 +99,13 @@ def build_worker(
 
         sources.append(AlchemySource())
     return Worker(runtime, sources, dream, alchemy, notes)
+
+
+def _quiet_diffusers() -> None:
+    """from_single_file prints per-load progress bars that would interleave with the log."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 
 def _postprocessors(weights: Path, cache, device):
@@ -205,8 +214,7 @@ def download_models(config: BridgeConfig) -> int:
 
     cache = ModelCache(worker_device, ram_budget_bytes=1)
     manager = _model_manager(config, cache, worker_device, (), client, True)
-    outcomes = manager.download()
-    failed = [name for name, outcome in outcomes.items() if not outcome.ok]
-    for name, outcome in outcomes.items():
-        log.info("%s: %s", name, "ready" if outcome.ok else f"NOT ready: {outcome.reason}")
-    return 1 if failed else 0
+    ready = manager.download_missing()
+    for name, ok in ready.items():
+        log.info("%s: %s", name, "ready" if ok else "NOT ready (see above)")
+    return 0 if ready and all(ready.values()) else 1
