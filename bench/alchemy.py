@@ -226,7 +226,7 @@ def bare_passes(found: InterrogatorSet, image: Image.Image) -> dict[str, Callabl
     bare: dict[str, Callable[[], Any]] = {}
     caption_kwargs = CaptionOptions().generate_kwargs()
     with found.caption.loaded() as blip:
-        blip_pixels = blip.processor(images=image, return_tensors="pt")["pixel_values"]
+        blip_inputs = found.caption.inputs(blip, image)  # pixels plus the captioner's prompt
     with found.interrogation.loaded() as clip:
         clip_pixels = clip.processor(images=image, return_tensors="pt")["pixel_values"]
     with found.nsfw.loaded() as safety:
@@ -234,7 +234,7 @@ def bare_passes(found: InterrogatorSet, image: Image.Image) -> dict[str, Callabl
 
     def caption() -> None:
         with found.caption.loaded() as b, torch.inference_mode():
-            b.model.generate(pixel_values=blip_pixels, **caption_kwargs)
+            b.model.generate(**blip_inputs, **caption_kwargs)
 
     def interrogation() -> None:
         with found.interrogation.loaded() as b, torch.inference_mode():

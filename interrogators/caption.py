@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 # the legacy horde captioner (nataili's BLIP: 3 beams, 10..30 tokens, no repetition penalty).
 MAX_BEAMS = 8
 MAX_LENGTH = 100
+# BLIP was trained to continue this prompt (the original code and the legacy horde captioner use it). Without
+# it the transformers checkpoints tend to open captions with junk words such as "arafed".
+DEFAULT_PROMPT = "a picture of"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class CaptionOptions:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | None) -> CaptionOptions:
         options = payload or {}
-        max_length = option_int(options, "max_length", cls.max_length, 2, MAX_LENGTH)
+        max_length = option_int(options, "max_length", cls.max_length, 1, MAX_LENGTH)
         top_p = option_float(options, "top_p", None, 0.01, 1.0)
         return cls(
             num_beams=option_int(options, "num_beams", cls.num_beams, 1, MAX_BEAMS),
@@ -46,11 +49,11 @@ class CaptionOptions:
         )
 
     def generate_kwargs(self) -> dict[str, Any]:
-        # max_length/min_length count BLIP's start token, as in the original BLIP code.
+        # Lengths count caption tokens only: the prompt and start token are not the requester's concern.
         kwargs: dict[str, Any] = {
             "num_beams": self.num_beams,
-            "min_length": self.min_length,
-            "max_length": self.max_length,
+            "min_new_tokens": self.min_length,
+            "max_new_tokens": self.max_length,
             "repetition_penalty": self.repetition_penalty,
         }
         if self.top_p is not None:
@@ -83,8 +86,16 @@ class Captioner:
     """`caption(image, payload)` -> {"caption": str}. Weights are loaded through the shared model cache on
     first use and may be evicted between jobs."""
 
-    def __init__(self, folder: Path, *, cache: Any, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        cache: Any,
+        dtype: torch.dtype = torch.float32,
+        prompt: str | None = DEFAULT_PROMPT,
+    ) -> None:
         self.folder = Path(folder)
+        self.prompt = prompt.strip().lower() if prompt else None
         self.key = f"interrogator:blip:{self.folder.name}"
         self._cache = cache
         self._dtype = dtype
@@ -109,10 +120,21 @@ class Captioner:
     def caption(self, image: Image.Image, options: Mapping[str, Any] | None = None) -> dict[str, str]:
         settings = CaptionOptions.from_payload(options)
         with self.loaded() as bundle:
-            inputs = bundle.processor(images=rgb(image), return_tensors="pt")
-            device, dtype = module_place(bundle.model)
-            pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
+            inputs = self.inputs(bundle, image)
             with torch.inference_mode():
-                tokens = bundle.model.generate(pixel_values=pixel_values, **settings.generate_kwargs())
-            text = bundle.processor.decode(tokens[0], skip_special_tokens=True)
-        return {"caption": " ".join(text.split())}
+                tokens = bundle.model.generate(**inputs, **settings.generate_kwargs())
+            text = " ".join(bundle.processor.decode(tokens[0], skip_special_tokens=True).split())
+        if self.prompt and text.startswith(self.prompt):
+            text = text[len(self.prompt) :].strip()
+        return {"caption": text}
+
+    def inputs(self, bundle: BlipBundle, image: Image.Image) -> dict[str, torch.Tensor]:
+        """Model inputs for one image (plus the prompt), on the model's device and dtype."""
+        encoded = bundle.processor(images=rgb(image), text=self.prompt, return_tensors="pt")
+        device, dtype = module_place(bundle.model)
+        inputs = {"pixel_values": encoded["pixel_values"].to(device=device, dtype=dtype)}
+        if self.prompt:
+            inputs.update(
+                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)
+            )
+        return inputs

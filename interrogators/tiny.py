@@ -8,6 +8,7 @@ the same recipe is kept, so a session-scoped fixture costs one build per machine
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -271,14 +272,19 @@ def build_tiny_interrogators(dest: Path) -> dict[str, dict[str, Any]]:
         (TINY_SAFETY_FLAGS, "safety_checker", lambda f: _build_safety(f, flags=True)),
     ]
     records: dict[str, dict[str, Any]] = {}
-    for name, kind, build in builders:
-        folder = model_dir(Path(dest), kind, name)
-        marker = folder / ".recipe"
-        if not (marker.exists() and marker.read_text() == RECIPE_VERSION):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            logger.info("building tiny %s in %s", name, folder)
-            build(folder)
-            marker.write_text(RECIPE_VERSION)
-        records[name] = _record(name, kind, folder)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    # Several processes (test sessions, the demo) may build into one folder: one builds, the others reuse.
+    with (dest / ".interrogators-build.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, kind, build in builders:
+            folder = model_dir(dest, kind, name)
+            marker = folder / ".recipe"
+            if not (marker.exists() and marker.read_text() == RECIPE_VERSION):
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                logger.info("building tiny %s in %s", name, folder)
+                build(folder)
+                marker.write_text(RECIPE_VERSION)
+            records[name] = _record(name, kind, folder)
     return records

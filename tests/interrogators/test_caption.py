@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from interrogators import CaptionOptions, InterrogatorSet
+from interrogators import Captioner, CaptionOptions, InterrogatorSet
+from models.cache import ModelCache
 from tests.interrogators.helpers import picture
 
 
@@ -17,12 +18,26 @@ def test_caption_is_text_and_deterministic(interrogators: InterrogatorSet) -> No
 
 def test_length_options_bound_the_caption(interrogators: InterrogatorSet) -> None:
     captioner = interrogators.caption
-    short = captioner.caption(picture(2), {"max_length": 3, "min_length": 0, "num_beams": 1})["caption"]
+    short = captioner.caption(picture(2), {"max_length": 2, "min_length": 0, "num_beams": 1})["caption"]
     long = captioner.caption(picture(2), {"max_length": 40, "min_length": 35, "num_beams": 1})["caption"]
-    # max_length counts BLIP's start token: 3 leaves room for at most two word pieces.
+    # Lengths count caption word pieces (not the prompt): 2 pieces make at most two words.
     assert 1 <= len(short.split()) <= 2
     assert len(long) > len(short)
     assert len(long.split()) >= 5
+
+
+def test_the_prompt_conditions_the_caption_and_is_stripped(
+    interrogators: InterrogatorSet, cache: ModelCache
+) -> None:
+    prompted = interrogators.caption
+    assert prompted.prompt == "a picture of"
+    unprompted = Captioner(prompted.folder, cache=cache, prompt=None)
+    options = {"max_length": 12, "min_length": 12, "num_beams": 1}
+    with_prompt = prompted.caption(picture(6), options)["caption"]
+    without = unprompted.caption(picture(6), options)["caption"]
+    assert with_prompt != without
+    assert not with_prompt.startswith("a picture of")
+    assert len(without.split()) >= 3
 
 
 def test_beams_and_repetition_penalty_change_the_search(interrogators: InterrogatorSet) -> None:
@@ -50,6 +65,7 @@ def test_options_are_clamped_and_junk_ignored() -> None:
         {"num_beams": 500, "max_length": 10_000, "min_length": 9_999, "top_p": 7, "repetition_penalty": -2}
     )
     assert (wild.num_beams, wild.max_length, wild.min_length) == (8, 100, 100)
+    assert CaptionOptions.from_payload({"max_length": 0}).max_length == 1
     assert wild.top_p == 1.0 and wild.repetition_penalty == 1.0
     junk = CaptionOptions.from_payload(
         {"num_beams": "many", "max_length": None, "top_p": True, "min_length": []}

@@ -142,7 +142,7 @@ def test_caption_form_end_to_end_with_payload_options(
     horde: LocalHorde, client: HordeClient, runtime: Runtime
 ) -> None:
     source_image = picture(1)
-    payload = {"max_length": 3, "min_length": 0, "num_beams": 1}
+    payload = {"max_length": 2, "min_length": 0, "num_beams": 1}
     rid = horde.request_interrogation(encoded(source_image), [{"name": "caption", "payload": payload}])
     jobs = pop_all(AlchemySource(), client, runtime)
     assert [type(j) for j in jobs] == [CaptionJob]
@@ -155,7 +155,7 @@ def test_caption_form_end_to_end_with_payload_options(
     assert set(form) == {"form", "state", "result"} and form["form"] == "caption" and form["state"] == "done"
     caption = form["result"]["caption"]
     assert list(form["result"]) == ["caption"] and isinstance(caption, str)
-    # max_length 3 took effect: at most two word pieces, and the same as the captioner gives directly.
+    # max_length 2 took effect: at most two word pieces, and the same as the captioner gives directly.
     assert 1 <= len(caption.split()) <= 2
     assert form["result"] == runtime.interrogators.caption.caption(source_image, payload)
     assert len(horde.submits(jobs[0].ids[0])) == 1
