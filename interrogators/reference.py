@@ -4,7 +4,10 @@ The horde's own `blip.json` and `clip.json` name Salesforce's and OpenAI's origi
 need the BLIP and OpenAI-CLIP code bases to load. This bridge loads transformers-format folders instead, so it
 ships its own small reference, `interrogators/reference.json`, in the horde's sibling-file shape (readable by
 `models.reference.parse_reference`): one record per Hugging Face repo with the files transformers needs and
-their `resolve/main` download URLs. `horde_name` says which horde entry each replaces. Only the safety
+their `resolve/main` download URLs. `horde_name` says which horde entry each replaces. Each file's path is
+`<name>/<file>` (download `file_path` = the name): the downloader puts a category's files in
+`<cache_home>/<category>/`, so the models land in `<cache_home>/<category>/<name>/`, the folder
+`model_dir` names and `build_interrogators(models_dir=cache_home)` reads. Only the safety
 checker's weight hash is known (the horde lists the same file); the others carry no sha256, so the downloader
 must verify them by other means (e.g. the hub's X-Linked-ETag, which is the LFS sha256) and keep a sidecar.
 
@@ -33,7 +36,7 @@ SAFETY_KIND = "safety_checker"
 
 @cache
 def reference_records() -> dict[str, dict[str, Any]]:
-    """The shipped reference: name -> raw record (horde sibling-file shape plus `category`, `local_dir`)."""
+    """The shipped reference: name -> raw record (the horde sibling-file shape plus `category`, `hf_path`)."""
     return json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
 
 

@@ -250,12 +250,14 @@ def _record(name: str, kind: str, folder: Path) -> dict[str, Any]:
     return {
         "name": name,
         "type": kind,
+        "category": kind,
         "description": f"tiny random-weight {kind} model for tests",
         "version": RECIPE_VERSION,
+        # Paths relative to the category folder, as in interrogators/reference.json.
         "config": {
-            "files": [{"path": p.name, "sha256sum": _sha256(p)} for p in files],
+            "files": [{"path": f"{name}/{p.name}", "sha256sum": _sha256(p)} for p in files],
             "download": [
-                {"file_name": p.name, "file_path": "", "file_url": p.resolve().as_uri()} for p in files
+                {"file_name": p.name, "file_path": name, "file_url": p.resolve().as_uri()} for p in files
             ],
         },
         "available": True,

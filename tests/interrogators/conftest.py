@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from interrogators import InterrogatorSet
 from models.cache import ModelCache
-from tests.interrogators.helpers import cpu_cache, tiny_models_dir, tiny_set
+from tests.interrogators.helpers import cpu_cache, one_torch_thread, tiny_models_dir, tiny_set
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread() -> Iterator[None]:
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="session")

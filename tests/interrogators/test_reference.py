@@ -24,14 +24,18 @@ def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None
     assert set(records) == set(raw)
     for name, record in records.items():
         files = {f.path for f in record.files}
-        downloads = {d.relative_path: d.file_url for d in record.downloads}
+        downloads = {d.relative_path: d for d in record.downloads}
         assert files == set(downloads), name
-        assert {"config.json"} <= files and files & {"model.safetensors", "pytorch_model.bin"}
+        # Files sit in a per-model folder below the category folder, where build_interrogators looks.
+        assert all(path.startswith(f"{name}/") for path in files)
+        assert model_dir(Path("/cache"), record.category, name) == Path("/cache", record.category, name)
+        assert {f"{name}/config.json"} <= files
+        assert files & {f"{name}/model.safetensors", f"{name}/pytorch_model.bin"}
         repo = raw[name]["hf_path"]
         assert all(
-            url == f"https://huggingface.co/{repo}/resolve/main/{path}" for path, url in downloads.items()
+            d.file_url == f"https://huggingface.co/{repo}/resolve/main/{d.file_name}"
+            for d in downloads.values()
         )
-        assert raw[name]["local_dir"] == f"{record.category}/{name}"
     assert records[CLIP_L14].category == "clip" and records[SAFETY_CHECKER].category == "safety_checker"
     # The safety checker is the very file the horde lists: its hash is known.
     assert records[SAFETY_CHECKER].files[-1].sha256sum == (
@@ -41,12 +45,12 @@ def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None
 
 def test_tiny_records_match_their_files_and_builds_are_idempotent(models_dir: Path) -> None:
     records = build_tiny_interrogators(models_dir)  # already built by the session fixture: reused
-    for name, record in records.items():
-        folder = model_dir(models_dir, record["type"], name)
+    for record in records.values():
+        category_dir = models_dir / record["category"]
         for spec in record["config"]["files"]:
-            assert hashlib.sha256((folder / spec["path"]).read_bytes()).hexdigest() == spec["sha256sum"]
+            assert hashlib.sha256((category_dir / spec["path"]).read_bytes()).hexdigest() == spec["sha256sum"]
         assert {d["file_url"] for d in record["config"]["download"]} == {
-            (folder / f["path"]).resolve().as_uri() for f in record["config"]["files"]
+            (category_dir / f["path"]).resolve().as_uri() for f in record["config"]["files"]
         }
     weights = model_dir(models_dir, "clip", "tiny-clip") / "model.safetensors"
     stamp = weights.stat().st_mtime_ns

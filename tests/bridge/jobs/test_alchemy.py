@@ -38,10 +38,22 @@ from interrogators.tiny import TINY_SAFETY_FLAGS
 from models.cache import ModelCache
 from models.device import DevicePolicy
 from postprocessors import PostProcessorRegistry
-from tests.interrogators.helpers import cpu_cache, encoded, picture, tiny_models_dir, tiny_set
+from tests.interrogators.helpers import (
+    cpu_cache,
+    encoded,
+    one_torch_thread,
+    picture,
+    tiny_models_dir,
+    tiny_set,
+)
 
 REGEN_AGENT = "AI Horde Worker reGen:9.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
 UPSCALER = "4x_AnimeSharp"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")
