@@ -36,10 +36,12 @@ SEED = 1234
 TINY_FILTERS = 16
 
 
-def _rrdb_old_layout(*, in_nc: int, num_blocks: int, scale: int) -> dict[str, torch.Tensor]:
+def _rrdb_old_layout(
+    *, in_nc: int, num_blocks: int, scale: int, num_filters: int = TINY_FILTERS
+) -> dict[str, torch.Tensor]:
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    net = ESRGAN(in_nc=in_nc, out_nc=3, num_filters=TINY_FILTERS, num_blocks=num_blocks, scale=scale)
+    net = ESRGAN(in_nc=in_nc, out_nc=3, num_filters=num_filters, num_blocks=num_blocks, scale=scale)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -65,14 +67,18 @@ def _rrdb_new_layout(old: dict[str, torch.Tensor], num_blocks: int) -> dict[str,
     return new
 
 
+def realesrgan_state_dict(
+    *, num_filters: int = 64, num_blocks: int = 23, in_nc: int = 3
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A Real-ESRGAN file's content (new key layout in `params_ema`); defaults: RealESRGAN_x4plus's shape."""
+    old = _rrdb_old_layout(in_nc=in_nc, num_blocks=num_blocks, scale=4, num_filters=num_filters)
+    return {"params_ema": _rrdb_new_layout(old, num_blocks)}
+
+
 def _esrgan_files() -> dict[str, Callable[[], Any]]:
     def realesrgan(in_nc: int, num_blocks: int) -> Callable[[], Any]:
         # x2plus is a x4 network fed a 2x2 pixel-unshuffled (12-channel) input, exactly like the real file.
-        def build() -> dict[str, Any]:
-            old = _rrdb_old_layout(in_nc=in_nc, num_blocks=num_blocks, scale=4)
-            return {"params_ema": _rrdb_new_layout(old, num_blocks)}
-
-        return build
+        return lambda: realesrgan_state_dict(num_filters=TINY_FILTERS, num_blocks=num_blocks, in_nc=in_nc)
 
     return {
         "RealESRGAN_x4plus.pth": realesrgan(3, 1),
