@@ -54,17 +54,27 @@ def horde():
 
 
 def make_runtime(interrogators, **overrides) -> Runtime:
-    settings = {"alchemist_name": "daemon-test-alchemist", "forms": ["nsfw", "caption"], "max_threads": 2,
-                "queue_size": 2, **overrides}
+    settings = {
+        "alchemist_name": "daemon-test-alchemist",
+        "forms": ["nsfw", "caption"],
+        "max_threads": 2,
+        "queue_size": 2,
+        **overrides,
+    }
     config = build_config(settings, environ={}).config
-    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=2.0),
-                   interrogators=interrogators)
+    return Runtime(
+        config=config,
+        device=DevicePolicy.cpu(),
+        fetcher=SourceFetcher(timeout=2.0),
+        interrogators=interrogators,
+    )
 
 
 def make_client(horde: LocalHorde, key: str = DEFAULT_API_KEY) -> HordeClient:
     retry = RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.05, max_retry_after=0.1)
-    return HordeClient(horde.base_url, key, client_agent="test:1:none", retry=retry, timeout=2.0,
-                       upload_timeout=2.0)
+    return HordeClient(
+        horde.base_url, key, client_agent="test:1:none", retry=retry, timeout=2.0, upload_timeout=2.0
+    )
 
 
 class GatedSource(AlchemySource):
@@ -95,9 +105,14 @@ def run_in_thread(daemon: Daemon) -> threading.Thread:
 
 
 def start_daemon(horde, interrogators, tmp_path, *, source=None, runtime=None, timings=FAST):
-    daemon = Daemon(client=make_client(horde), runtime=runtime or make_runtime(interrogators),
-                    sources=[source or AlchemySource()], journal=Journal(tmp_path / "inflight.json"),
-                    stats=Stats(), timings=timings)
+    daemon = Daemon(
+        client=make_client(horde),
+        runtime=runtime or make_runtime(interrogators),
+        sources=[source or AlchemySource()],
+        journal=Journal(tmp_path / "inflight.json"),
+        stats=Stats(),
+        timings=timings,
+    )
     return daemon, run_in_thread(daemon)
 
 
@@ -136,8 +151,12 @@ def test_200_jobs_with_25_percent_faults_lose_nothing(horde, interrogators, tmp_
     faults.http_error("*/interrogate/pop", 500, probability=0.05, count=None)
     faults.rate_limit("*/interrogate/pop", retry_after=0.05, probability=0.03, count=None)
     faults.malformed("*/interrogate/pop", probability=0.02, count=None, after=False)
-    daemon, thread = start_daemon(horde, interrogators, tmp_path,
-                                  timings=LoopTimings(idle_poll_s=0.02, error_poll_s=0.02, fault_streak=1000))
+    daemon, thread = start_daemon(
+        horde,
+        interrogators,
+        tmp_path,
+        timings=LoopTimings(idle_poll_s=0.02, error_poll_s=0.02, fault_streak=1000),
+    )
     statuses = horde.wait_done(ids, timeout=240, poll=0.1)
     stop(daemon, thread)
     books = horde.accounting()
@@ -184,8 +203,9 @@ def test_cold_shutdown_faults_in_flight_jobs_back_once(horde, interrogators, tmp
     assert len(horde.submits(job_id)) == 1
 
 
-def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(horde, interrogators, tmp_path,
-                                                                       caplog):
+def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
+    horde, interrogators, tmp_path, caplog
+):
     url = horde.host_image(webp(), "boom.webp")
     first = horde.request_interrogation(url, ["nsfw"])
 
@@ -217,8 +237,13 @@ def test_fault_streak_pauses_popping(horde, interrogators, tmp_path, caplog):
     for _ in range(4):
         horde.request_interrogation(broken, ["nsfw"])
     timings = LoopTimings(idle_poll_s=0.02, error_poll_s=0.02, fault_streak=3, fault_pause_s=0.5)
-    daemon, thread = start_daemon(horde, interrogators, tmp_path, timings=timings,
-                                  runtime=make_runtime(interrogators, max_threads=1, queue_size=0))
+    daemon, thread = start_daemon(
+        horde,
+        interrogators,
+        tmp_path,
+        timings=timings,
+        runtime=make_runtime(interrogators, max_threads=1, queue_size=0),
+    )
     deadline = time.monotonic() + 30
     while "jobs in a row faulted: pausing pops" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -227,8 +252,13 @@ def test_fault_streak_pauses_popping(horde, interrogators, tmp_path, caplog):
 
 
 def test_anonymous_key_stops_the_daemon_with_a_clear_reason(horde, interrogators, tmp_path):
-    daemon = Daemon(client=make_client(horde, "0000000000"), runtime=make_runtime(interrogators),
-                    sources=[AlchemySource()], journal=Journal(tmp_path / "j.json"), timings=FAST)
+    daemon = Daemon(
+        client=make_client(horde, "0000000000"),
+        runtime=make_runtime(interrogators),
+        sources=[AlchemySource()],
+        journal=Journal(tmp_path / "j.json"),
+        timings=FAST,
+    )
     thread = run_in_thread(daemon)
     thread.join(timeout=30)
     assert not thread.is_alive()
@@ -278,8 +308,9 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
        journal=Journal(Path({str(tmp_path / "inflight.json")!r})),
        timings=LoopTimings(idle_poll_s=0.05)).run()
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     try:
         deadline = time.monotonic() + 90
         while not horde.accounting().handed_out and time.monotonic() < deadline:
@@ -291,8 +322,13 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
         proc.wait(timeout=10)
     job_id = horde.accounting().handed_out[0]
     assert horde.submits(job_id) == []
-    daemon = Daemon(client=make_client(horde), runtime=make_runtime(interrogators, forms=["nsfw"]),
-                    sources=[], journal=Journal(tmp_path / "inflight.json"), timings=FAST)
+    daemon = Daemon(
+        client=make_client(horde),
+        runtime=make_runtime(interrogators, forms=["nsfw"]),
+        sources=[],
+        journal=Journal(tmp_path / "inflight.json"),
+        timings=FAST,
+    )
     thread = run_in_thread(daemon)
     deadline = time.monotonic() + 10
     while not horde.submits(job_id) and time.monotonic() < deadline:

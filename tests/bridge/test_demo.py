@@ -13,13 +13,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_serves_every_kind_and_writes_real_images(tmp_path, capsys):
-    config = build_config({"cache_home": str(tmp_path / "cache"), "state_dir": str(tmp_path / "state")},
-                          environ={}).config
+    config = build_config(
+        {"cache_home": str(tmp_path / "cache"), "state_dir": str(tmp_path / "state")}, environ={}
+    ).config
     output = tmp_path / "demo-output"
     assert run_demo(config, output_dir=output) == 0
     printed = capsys.readouterr().out
-    for label in ("txt2img", "img2img", "inpainting", "depth2img", "RealESRGAN_x2plus", "caption",
-                  "interrogation", "nsfw", "strip_background"):
+    for label in (
+        "txt2img",
+        "img2img",
+        "inpainting",
+        "depth2img",
+        "RealESRGAN_x2plus",
+        "caption",
+        "interrogation",
+        "nsfw",
+        "strip_background",
+    ):
         assert label in printed
     assert "faulted" not in printed.split("stats:")[0]
     images = sorted(output.glob("*.webp"))
