@@ -26,6 +26,7 @@ from tests.bridge.generation.conftest import RecordingManager, make_manager, mak
 tiny_reference = generation_fixtures.tiny_reference
 pipelines = generation_fixtures.pipelines
 source_image = generation_fixtures.source_image
+one_torch_thread = generation_fixtures.one_torch_thread
 
 SD1 = "tiny-sd1-diffusers"
 SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "k_euler"}
