@@ -93,6 +93,11 @@ class GenerationJob(Job):
         sources, kind, source_subs = prepare_sources(
             self.fetched.image, self.fetched.mask, self.pop.source_processing
         )
+        if self.pop.extra_source_images:
+            count, why = len(self.pop.extra_source_images), "not supported: not used"
+            source_subs.append(
+                Substitution("extra_source_images", count, 0, why, meta_type="extra_source_images")
+            )
         try:
             request, subs = build_request(
                 self.pop.payload,

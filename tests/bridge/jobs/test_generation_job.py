@@ -214,6 +214,16 @@ def test_non_image_base64_source_is_reported(runtime: Runtime) -> None:
     assert np.asarray(Image.open(io.BytesIO(submission.image))).shape == (64, 64, 3)
 
 
+def test_extra_source_images_are_reported(runtime: Runtime, source_image: Image.Image) -> None:
+    payload = {"prompt": "x", "seed": "1", "ddim_steps": 1, "width": 64, "height": 64}
+    extra = [{"image": "https://example.invalid/a.webp", "strength": 0.5}]
+    job = offline_job(payload, extra_source_images=extra)
+    job.prepare(runtime)
+    [submission] = job.execute(runtime)
+    assert submission.state == "ok"
+    assert [m["type"] for m in submission.gen_metadata] == ["extra_source_images"]
+
+
 def test_pop_request_from_legacy_config() -> None:
     config = BridgeConfig(
         worker_name="w", dreamer_name="dreamer", max_power=16, max_batch=3, nsfw=False, blacklist=["x"],
