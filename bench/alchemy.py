@@ -1,6 +1,6 @@
 """Alchemy forms on real-shape models (random weights) on this machine's CPU.
 
-    flock /tmp/heavy.lock .venv/bin/python -m bench.alchemy [--repeats 4] [--cache-dir .bench-cache]
+    flock /tmp/heavy.lock .venv/bin/python -m bench.alchemy [--repeats 4] [--threads N] [--cache-dir DIR]
 
 Builds BLIP-large, CLIP ViT-L/14 and the SD safety checker from their published configs with random weights
 (once; cached under <cache-dir>/alchemy/models in the layout `build_interrogators` reads, under the real
@@ -277,6 +277,13 @@ def main() -> None:
     )
     parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's, one per core). On a CPU other processes keep busy, 1 "
+        "avoids OpenMP threads waiting on each other, which can slow a run down several times over.",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("transformers", "diffusers", "httpx"):
@@ -288,6 +295,7 @@ def main() -> None:
     device = DevicePolicy.cpu()
     cache = ModelCache(device, ram_budget_bytes=12 << 30)
     found = build_interrogators(
+        torch_threads=args.threads,
         models_dir=models_dir,
         cache=cache,
         device=device,
