@@ -72,6 +72,7 @@ class GenerationResult:
     notes: list[Substitution]  # fields the pipeline could not honour (clip_skip cap, long prompt...)
     inference_s: float = 0.0
     post_processing_s: float = 0.0
+    model_load_s: float = 0.0
 
 
 def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
@@ -85,28 +86,45 @@ def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
 def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImages) -> GenerationResult:
     """1. generate every image, 2. hires-fix second pass, 3. censor, 4. post-process."""
     notes: list[Substitution] = []
+    clock = Clock()
     started = time.perf_counter()
-    images = generate(runtime, request, sources, notes)
+    images = generate(runtime, request, sources, notes, clock)
     if request.hires_fix:
-        images = _hires_pass(runtime, request, images)
+        images = _hires_pass(runtime, request, images, clock)
     results = [GeneratedImage(image, request.seed_for(i), i) for i, image in enumerate(images)]
-    inference_s = time.perf_counter() - started
+    inference_s = time.perf_counter() - started - clock.model_load_s
     _censor(runtime, request, results)
     started = time.perf_counter()
     _post_process(runtime, request, results)
-    return GenerationResult(results, notes, inference_s, time.perf_counter() - started)
+    post_s = time.perf_counter() - started
+    return GenerationResult(results, notes, inference_s, post_s, clock.model_load_s)
+
+
+@dataclass
+class Clock:
+    model_load_s: float = 0.0  # waiting for the manager: loading, moving to the device, building the variant
+
+
+@contextlib.contextmanager
+def _pipeline(runtime: Any, request: GenerationRequest, cls: type, clock: Clock) -> Iterator[tuple[Any, Any]]:
+    """The manager's pipeline (time to get it counted as model load), borrowed for this request."""
+    started = time.perf_counter()
+    with runtime.models.pipeline(request.model, cls) as pipe:
+        clock.model_load_s += time.perf_counter() - started
+        with _borrowed(pipe, request, runtime.device) as config:
+            yield pipe, config
 
 
 def generate(
-    runtime: Any, request: GenerationRequest, sources: SourceImages, notes: list[Substitution]
+    runtime: Any,
+    request: GenerationRequest,
+    sources: SourceImages,
+    notes: list[Substitution],
+    clock: Clock | None = None,
 ) -> list[Image.Image]:
     """The main pass: one pipeline call per image (the first, low-res pass when hires_fix is on)."""
     width, height = request.first_pass or (request.width, request.height)
-    cls = pipeline_class(request)
-    with (
-        runtime.models.pipeline(request.model, cls) as pipe,
-        _borrowed(pipe, request, runtime.device) as config,
-    ):
+    with _pipeline(runtime, request, pipeline_class(request), clock or Clock()) as (pipe, config):
         fixed = _call_kwargs(pipe, request, sources, width, height, notes)
         images = []
         for index in range(request.n_images):
@@ -116,14 +134,12 @@ def generate(
     return images
 
 
-def _hires_pass(runtime: Any, request: GenerationRequest, low_res: list[Image.Image]) -> list[Image.Image]:
+def _hires_pass(
+    runtime: Any, request: GenerationRequest, low_res: list[Image.Image], clock: Clock
+) -> list[Image.Image]:
     """Upscale each first-pass image to the asked size and refine it with img2img."""
-    cls = pipeline_class(request, "img2img")
     strength = request.hires_denoising_strength
-    with (
-        runtime.models.pipeline(request.model, cls) as pipe,
-        _borrowed(pipe, request, runtime.device) as config,
-    ):
+    with _pipeline(runtime, request, pipeline_class(request, "img2img"), clock) as (pipe, config):
         fixed = _common_kwargs(pipe, request, [])
         fixed.update(strength=strength, num_inference_steps=steps_for(request.steps, strength))
         images = []

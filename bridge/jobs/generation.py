@@ -110,6 +110,7 @@ class GenerationJob(Job):
         except (RequestFault, CensorUnavailable) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))
+        self.timings.model_load = result.model_load_s
         self.timings.inference = result.inference_s
         self.timings.post_processing = result.post_processing_s
         return self._submissions(result, [*source_subs, *subs, *result.notes])

@@ -84,6 +84,7 @@ def test_txt2img(runtime: Runtime, pipelines: RecordingManager) -> None:
     assert subs == [] and result.notes == []
     [image] = result.images
     assert image.image.size == (64, 64) and image.seed == 11 and image.state == "ok"
+    assert result.inference_s > 0 and result.model_load_s > 0
     assert pixels(result).std() > 0
 
 
