@@ -206,7 +206,23 @@ class Daemon:
             return self._one_per_id(job, submissions)
         except Exception as err:  # any failure of a job is that job's fault, never the daemon's
             log.exception("%s failed: %s", job.describe(), err)
-            return job.fault(f"{type(err).__name__}: {err}"[:250])
+            return self._safe_fault(job, f"{type(err).__name__}: {err}"[:250])
+
+    def _safe_fault(self, job: Job, reason: str) -> list[Submission]:
+        """job.fault(), or, if even that is broken, hand the ids back without the job object."""
+        try:
+            return job.fault(reason)
+        except Exception:
+            log.exception("%s could not build its faulted submissions: faulting its ids directly",
+                          job.describe())
+            for job_id in job.ids:
+                if self.journal.claim(job_id):
+                    try:
+                        fault_orphan(self.client, job_id, family_of(job), reason)
+                    except HordeError as err:
+                        log.warning("could not fault %s back (%s)", job_id[:8], err)
+                    self.journal.finish(job_id)
+            return []
 
     def _one_per_id(self, job: Job, submissions: list[Submission]) -> list[Submission]:
         by_id = {s.job_id: s for s in submissions}
@@ -214,7 +230,7 @@ class Daemon:
             return submissions
         log.error("%s returned submissions for %s, expected %s: faulting it", job.describe(),
                   sorted(by_id), sorted(job.ids))
-        return job.fault("internal error: the job did not produce one result per id")
+        return self._safe_fault(job, "internal error: the job did not produce one result per id")
 
     def _note_outcome(self, job: Job, submissions: list[Submission]) -> None:
         if submissions and all(s.state == "faulted" for s in submissions):

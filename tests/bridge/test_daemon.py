@@ -341,3 +341,26 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
 def tiny_models_dir_path(interrogators) -> Path:
     """The folder the session's tiny interrogators were built in (their nsfw checker's model folder)."""
     return Path(interrogators.nsfw.folder).parents[1]
+
+
+def test_a_job_whose_fault_path_is_broken_is_still_handed_back(horde, interrogators, tmp_path):
+    url = horde.host_image(webp(), "double.webp")
+    horde.request_interrogation(url, ["nsfw"])
+
+    class DoublyBroken(AlchemySource):
+        def pop(self, client, runtime, capacity):
+            jobs = super().pop(client, runtime, capacity)
+            for job in jobs:
+                job.execute = lambda rt: (_ for _ in ()).throw(RuntimeError("execute broke"))
+                job.fault = lambda reason: (_ for _ in ()).throw(RuntimeError("fault broke too"))
+            return jobs
+
+    daemon, thread = start_daemon(horde, interrogators, tmp_path, source=DoublyBroken())
+    deadline = time.monotonic() + 20
+    while not horde.accounting().handed_out and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_id = horde.accounting().handed_out[0]
+    while not horde.submits(job_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop(daemon, thread)
+    assert [s["state"] for s in horde.submits(job_id)] == ["faulted"]
