@@ -89,9 +89,12 @@ class FaceHelper:
         """Reset the helper for a new image (call with `lock` held); returns the helper."""
         # The cache moves weights by swapping tensor data, so the device attributes facexlib keeps must be
         # re-read from the weights each time.
-        device = next(self.helper.face_det.parameters()).device
+        detector = self.helper.face_det
+        device = next(detector.parameters()).device
         self.helper.device = device
-        self.helper.face_det.device = device
+        detector.device = device
+        # RetinaFace keeps its mean as a plain tensor attribute, which no module move touches.
+        detector.mean_tensor = detector.mean_tensor.to(device)
         self.helper.clean_all()
         self.helper.read_image(bgr)
         return self.helper
