@@ -79,3 +79,29 @@ def tiled_upscale(
             out[t.y0 * scale : t.y1 * scale, t.x0 * scale : t.x1 * scale] = tensor_to_uint8(kept)
         del result, kept
     return out
+
+
+def tiled_upscale_adaptive(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    *,
+    scale: int,
+    tile: int,
+    pad: int,
+    min_tile: int = 64,
+) -> tuple[np.ndarray, int]:
+    """`tiled_upscale`, retried with half the tile edge while the device runs out of memory.
+
+    A GPU shared with a loaded diffusion model may not fit the default tile; a smaller one costs only
+    some padding overhead. Returns (result, tile edge used); re-raises the OOM below `min_tile`.
+    """
+    while True:
+        try:
+            return tiled_upscale(net, image, scale=scale, tile=tile, pad=pad), tile
+        except torch.OutOfMemoryError:
+            if tile // 2 < min_tile:
+                raise
+            if image.is_cuda:
+                torch.cuda.empty_cache()
+            logger.warning("upscale: out of memory with %d px tiles, retrying with %d px", tile, tile // 2)
+            tile //= 2

@@ -27,7 +27,7 @@ from postprocessors.base import (
     split_alpha,
 )
 from postprocessors.loading import SpandrelModel, load_spandrel
-from postprocessors.tiling import tiled_upscale
+from postprocessors.tiling import tiled_upscale_adaptive
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ class EsrganUpscaler(PostProcessor):
             device, dtype = module_device_dtype(model.module)
             tensor = pil_to_tensor(rgb, device, dtype)
             try:
-                array = tiled_upscale(
+                array, _ = tiled_upscale_adaptive(
                     model.descriptor, tensor, scale=self.scale, tile=self.tile, pad=self.pad
                 )
             except torch.OutOfMemoryError as exc:
                 raise PostProcessError(
-                    f"{self.name}: out of memory on a {self.tile}px tile", reason="out_of_memory"
+                    f"{self.name}: out of memory even with small tiles", reason="out_of_memory"
                 ) from exc
             del tensor
         upscaled = Image.fromarray(array, "RGB")

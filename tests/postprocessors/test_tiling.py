@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.cache import ModelCache
-from postprocessors.base import module_device_dtype, pil_to_tensor
+from postprocessors.base import module_device_dtype, pil_to_tensor, tensor_to_uint8
 from postprocessors.registry import PostProcessorRegistry
-from postprocessors.tiling import plan_tiles, tiled_upscale
+from postprocessors.tiling import plan_tiles, tiled_upscale, tiled_upscale_adaptive
 from tests.postprocessors.helpers import picture
 
 
@@ -44,3 +44,32 @@ def test_tiled_result_matches_a_whole_image_pass(registry: PostProcessorRegistry
 def test_a_network_returning_the_wrong_size_is_caught() -> None:
     with pytest.raises(RuntimeError, match="returned"):
         tiled_upscale(lambda x: x, torch.zeros(1, 3, 8, 8), scale=2, tile=4, pad=1)
+
+
+def _nearest_x2(max_edge: int):
+    """A x2 'network' (nearest-neighbour) that runs out of memory on inputs larger than max_edge."""
+    seen: list[int] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        seen.append(max(x.shape[-2:]))
+        if max(x.shape[-2:]) > max_edge:
+            raise torch.OutOfMemoryError("simulated: tile too large")
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+    return net, seen
+
+
+def test_out_of_memory_halves_the_tile_until_it_fits() -> None:
+    image = torch.rand(1, 3, 100, 90)
+    net, seen = _nearest_x2(max_edge=70)
+    result, used = tiled_upscale_adaptive(net, image, scale=2, tile=256, pad=4, min_tile=32)
+    assert used == 64  # 256 and 128 (+ context) were refused
+    assert max(seen) > 70
+    expected = torch.nn.functional.interpolate(image, scale_factor=2, mode="nearest")
+    assert np.array_equal(result, tensor_to_uint8(expected))
+
+
+def test_out_of_memory_below_the_smallest_tile_is_raised() -> None:
+    net, _ = _nearest_x2(max_edge=10)
+    with pytest.raises(torch.OutOfMemoryError):
+        tiled_upscale_adaptive(net, torch.rand(1, 3, 64, 64), scale=2, tile=64, pad=4, min_tile=32)
