@@ -48,12 +48,13 @@ def tiny_set(
     forms=ALL_FORMS,
     nsfw_model=TINY_SAFETY,
     embeddings_dir: Path | None = None,
+    device: DevicePolicy | None = None,
     **kwargs,
 ) -> InterrogatorSet:
     return build_interrogators(
         models_dir=models_dir,
         cache=cache,
-        device=DevicePolicy.cpu(),
+        device=device or DevicePolicy.cpu(),
         forms=forms,
         caption_model=TINY_CAPTION,
         clip_model=TINY_CLIP,
