@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -203,7 +204,7 @@ class FaceFixer(PostProcessor):
         """The final image from the input and the pasted restoration (GFPGAN mixes them by strength)."""
         return restored
 
-    def _use_helper(self):  # -> ContextManager[FaceHelper]
+    def _use_helper(self) -> AbstractContextManager[FaceHelper]:
         folder = find_face_helper_folder(self.face_helper_dirs)
         if folder is None:
             raise PostProcessError(
@@ -213,7 +214,7 @@ class FaceFixer(PostProcessor):
             )
         return self._cache.use(FACE_HELPER_KEY, lambda: FaceHelper(folder))
 
-    def _use_restorer(self):  # -> ContextManager[SpandrelModel]
+    def _use_restorer(self) -> AbstractContextManager[SpandrelModel]:
         hint = self.weights.stat().st_size if self.weights.exists() else None
         loader = lambda: load_spandrel(self.weights, architecture=self.architecture)  # noqa: E731
         return self._cache.use(self.cache_key, loader, size_hint=hint)
