@@ -64,3 +64,17 @@ def test_new_and_old_key_layouts_are_both_written(weights_dir: Path) -> None:
         new["params_ema"]
     )
     assert {"model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"} <= set(old)
+
+
+@pytest.mark.parametrize("category", ["esrgan", "gfpgan", "codeformer"])
+def test_records_are_ready_where_the_model_manager_looks(weights_dir: Path, category: str) -> None:
+    """The records parse as horde reference entries, and the downloader's folder for them is the registry's
+    (<weights_dir>/<category>/), with every file present and verified."""
+    from models.downloads import is_ready, model_dir
+    from models.reference import parse_reference
+
+    records = parse_reference(build_tiny_postprocessors(weights_dir)[category], category=category)
+    assert records
+    for record in records.values():
+        assert model_dir(weights_dir, record) == weights_dir / category
+        assert is_ready(record, weights_dir / category)
