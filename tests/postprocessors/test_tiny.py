@@ -78,3 +78,11 @@ def test_records_are_ready_where_the_model_manager_looks(weights_dir: Path, cate
     for record in records.values():
         assert model_dir(weights_dir, record) == weights_dir / category
         assert is_ready(record, weights_dir / category)
+
+
+def test_a_build_can_be_limited_to_categories(tmp_path: Path) -> None:
+    references = build_tiny_postprocessors(tmp_path, categories=["esrgan"])
+    assert list(references) == ["esrgan"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["esrgan"]
+    with pytest.raises(ValueError, match="unknown categories"):
+        build_tiny_postprocessors(tmp_path, categories=["facexlib"])
