@@ -23,7 +23,7 @@ from bridge.jobs.generation import GenerationSource  # noqa: E402
 from bridge.journal import Journal  # noqa: E402
 from bridge.retry import RetryPolicy  # noqa: E402
 from bridge.stats import Stats  # noqa: E402
-from bridge.worker import build_worker  # noqa: E402
+from bridge.worker import build_worker, load_reference, plan_worker  # noqa: E402
 
 CACHE = REPO / ".bench-cache"
 MODEL = "tiny-sd1"
@@ -86,8 +86,8 @@ def worker_for(horde, reference: Path, *, queue_size: int = 1, max_threads: int 
     config = build_config(settings, environ={}).config
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
                          retry=RetryPolicy(base_delay=0.05, max_delay=0.5))
-    worker = build_worker(config, client=client, reference_files=[reference], weights_dir=CACHE / "tiny",
-                          upstream_reference=False)
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, [reference], upstream=False))
+    worker = build_worker(config, plan, weights_dir=CACHE / "tiny")
     return config, client, worker
 
 

@@ -28,7 +28,7 @@ from bridge.daemon import Daemon
 from bridge.horde_api import HordeClient
 from bridge.journal import Journal
 from bridge.stats import Stats
-from bridge.worker import CLIENT_AGENT, build_worker
+from bridge.worker import CLIENT_AGENT, build_worker, load_reference, plan_worker
 from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,9 @@ def run_demo(config: BridgeConfig, *, output_dir: Path) -> int:
     with LocalHorde(known_models=models, extra_bridges=grant) as horde:
         settings = demo_config(config, horde.base_url, DEFAULT_API_KEY, models)
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent=CLIENT_AGENT)
-        worker = build_worker(settings, client=client, reference_files=[reference], weights_dir=tiny_dir,
-                              upstream_reference=False, interrogator_models=TINY_INTERROGATORS)
+        plan = plan_worker(settings, has_gpu=False, client=client,
+                           reference=load_reference(settings, [reference], upstream=False))
+        worker = build_worker(settings, plan, weights_dir=tiny_dir, interrogator_models=TINY_INTERROGATORS)
         requests = post_samples(horde, models)
         daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources,
                         journal=Journal(Path(settings.state_dir) / "inflight.json"), stats=Stats())

@@ -1,7 +1,11 @@
 """Assembling a worker from its config: device, model cache, models, processors, interrogators, sources.
 
-`build_worker` is shared by the real daemon (`run_worker`) and the offline demo, which only differs in where
-the horde is and which reference files describe the models.
+1. `plan_worker`: which families run on this machine, the model reference (the horde's files plus the
+   bridge's own entries), the resolved model list.
+2. `download_weights`: fetch and verify what the plan needs (checkpoints, post-processor and interrogator
+   weights) before anything is advertised.
+3. `build_worker`: the runtime and the job sources. The offline demo and the benchmarks call it with tiny
+   models; `run_worker` with the operator's.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bridge.config import (
     BRIDGE_NAME,
@@ -33,6 +38,16 @@ from bridge.status_ui import StatsReporter, live_status
 log = logging.getLogger(__name__)
 
 CLIENT_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
+STRIP_BACKGROUND_REFERENCE = Path(__file__).resolve().parents[1] / "postprocessors" / "strip_background.json"
+
+
+@dataclass
+class WorkerPlan:
+    dreamer: bool
+    alchemist: bool
+    reference: Any  # models.reference.ModelReference
+    models: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,50 +70,113 @@ def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[
     return dream, alchemy, notes
 
 
+def load_reference(config: BridgeConfig, reference_files: Sequence[Path] = (), upstream: bool = True):
+    """The horde's reference plus the bridge's own entries (interrogation models, strip_background) and
+    the operator's custom files."""
+    from interrogators.reference import REFERENCE_PATH as INTERROGATOR_REFERENCE
+    from models.reference import ModelReference
+
+    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE]
+    extra += [Path(p) for p in config.custom_model_reference] + list(reference_files)
+    return ModelReference.load(cache_dir=Path(config.cache_home) / "reference", extra_files=extra,
+                               **({} if upstream else {"upstream": None}))
+
+
+def plan_worker(config: BridgeConfig, *, has_gpu: bool, client: HordeClient | None = None,
+                reference=None) -> WorkerPlan:
+    dream, alchemy, notes = choose_modes(config, has_gpu)
+    reference = reference if reference is not None else load_reference(config)
+    models: list[str] = []
+    if dream:
+        stats = client.model_stats if client is not None else None
+        resolved = reference.resolve(config.models_to_load, config.models_to_skip, model_stats=stats,
+                                     max_models=config.max_models_to_download)
+        notes += [f"models: {warning}" for warning in resolved.warnings]
+        models = list(resolved.names)
+    return WorkerPlan(dream, alchemy, reference, models, notes)
+
+
+def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
+    """Reference records of everything the plan runs on: checkpoints, post-processors, interrogators."""
+    from interrogators.reference import CAPTION_LARGE, CLIP_L14, SAFETY_CHECKER
+    from postprocessors import ORDER as POSTPROCESSORS
+
+    wanted = list(plan.models)
+    if plan.dreamer:
+        wanted.append(SAFETY_CHECKER)  # censoring
+        if config.allow_post_processing:
+            wanted += list(POSTPROCESSORS)
+    if plan.alchemist:
+        by_form = {"caption": CAPTION_LARGE, "interrogation": CLIP_L14, "nsfw": SAFETY_CHECKER}
+        wanted += [by_form.get(form, form) for form in config.forms]
+    if "CodeFormers" in wanted:
+        wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
+    records = []
+    for name in dict.fromkeys(wanted):
+        try:
+            records.append(plan.reference.get(name))
+        except KeyError:
+            log.warning("no reference entry for %s: its weights cannot be downloaded", name)
+    return records
+
+
+def download_weights(config: BridgeConfig, plan: WorkerPlan) -> dict[str, bool]:
+    """Fetch and verify what the plan needs (missing files only); name -> ready."""
+    from models.downloads import Downloader
+
+    ready = {}
+    outcomes = Downloader(Path(config.cache_home)).ensure_all(weight_records(config, plan))
+    for name, outcome in outcomes.items():
+        if not outcome.ok:
+            log.error("%s is not ready: %s", name, outcome.reason)
+        ready[name] = outcome.ok
+    return ready
+
+
 def build_worker(
     config: BridgeConfig,
+    plan: WorkerPlan,
     *,
     device=None,
-    client: HordeClient | None = None,
-    reference_files: Sequence[Path] = (),
     weights_dir: Path | None = None,
-    upstream_reference: bool = True,
     interrogator_models: Mapping[str, str] | None = None,
 ) -> Worker:
-    """Everything but the loop. `weights_dir` (default cache_home) is where post-processor and
-    interrogator weights live; `reference_files` add local model reference files; `interrogator_models`
-    names other interrogator models than the defaults (caption_model, clip_model, nsfw_model)."""
+    """The runtime and sources. `weights_dir` (default cache_home) holds post-processor and interrogator
+    weights; `interrogator_models` names other interrogator models than the defaults (caption_model,
+    clip_model, nsfw_model)."""
     from models.cache import ModelCache, ram_budget, vram_budget
     from models.device import DevicePolicy
 
-    device = device or DevicePolicy.detect(force_cpu=False)
-    dream, alchemy, notes = choose_modes(config, device.is_cuda)
+    device = device or DevicePolicy.detect()
     cache = ModelCache(device, ram_budget_bytes=ram_budget(config.ram_to_leave_free),
                        vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
-    cache_home = Path(config.cache_home)
-    weights = weights_dir or cache_home
-    runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
-    sources: list[JobSource] = []
-    if dream or alchemy:
-        runtime.postprocessors = _postprocessors(weights, cache, device)
+    weights = weights_dir or Path(config.cache_home)
     names = dict(interrogator_models or {})
-    if dream:
-        _quiet_diffusers()
-        runtime.models = _model_manager(config, cache, device, reference_files, client, upstream_reference)
-        runtime.models.download_missing()
-        runtime.safety = _safety_checker(weights, cache, device, names)
+    runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
+    runtime.postprocessors = _postprocessors(weights, cache, device)
+    sources: list[JobSource] = []
+    if plan.dreamer:
         from bridge.jobs.generation import GenerationSource
+        from interrogators import NSFW_FORM, build_interrogators
+        from models.manager import ModelManager
 
+        _quiet_diffusers()
+        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
+                                      cache_home=Path(config.cache_home), models=plan.models)
+        runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
+                                             forms=[NSFW_FORM], **names).nsfw
         sources.append(GenerationSource())
-    if alchemy:
+    if plan.alchemist:
+        from bridge.jobs.alchemy import AlchemySource
         from interrogators import build_interrogators
 
         runtime.interrogators = build_interrogators(models_dir=weights, cache=cache, device=device,
                                                     forms=config.forms, **names)
-        from bridge.jobs.alchemy import AlchemySource
-
+        # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
+        # first pop, not inside a form's 3-minute ttl.
+        runtime.interrogators.warm()
         sources.append(AlchemySource())
-    return Worker(runtime, sources, dream, alchemy, notes)
+    return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes))
 
 
 def _quiet_diffusers() -> None:
@@ -112,32 +190,6 @@ def _postprocessors(weights: Path, cache, device):
     from postprocessors.registry import PostProcessorRegistry
 
     return PostProcessorRegistry(weights_dir=weights, cache=cache, device=device)
-
-
-def _safety_checker(weights: Path, cache, device, names: Mapping[str, str]):
-    """The NSFW checker generation censors with (requests may ask for it whatever the worker's settings)."""
-    from interrogators import NSFW_FORM, build_interrogators
-
-    return build_interrogators(models_dir=weights, cache=cache, device=device, forms=[NSFW_FORM],
-                               **names).nsfw
-
-
-def _model_manager(config: BridgeConfig, cache, device, reference_files, client, upstream: bool):
-    from models.downloads import Downloader
-    from models.manager import ModelManager
-    from models.reference import ModelReference
-
-    cache_home = Path(config.cache_home)
-    extra = [Path(p) for p in config.custom_model_reference] + list(reference_files)
-    reference = ModelReference.load(cache_dir=cache_home / "reference", extra_files=extra,
-                                    **({} if upstream else {"upstream": None}))
-    stats = client.model_stats if client is not None else None
-    resolved = reference.resolve(config.models_to_load, config.models_to_skip, model_stats=stats,
-                                 max_models=config.max_models_to_download)
-    for warning in resolved.warnings:
-        log.warning("models: %s", warning)
-    return ModelManager(reference=reference, cache=cache, device=device, cache_home=cache_home,
-                        models=resolved.names, downloader=Downloader(cache_home))
 
 
 def make_client(config: BridgeConfig) -> HordeClient:
@@ -185,16 +237,28 @@ def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
     return code
 
 
+def _has_gpu() -> bool:
+    from models.device import DevicePolicy
+
+    return DevicePolicy.detect().is_cuda
+
+
 def run_worker(config: BridgeConfig) -> int:
     client = make_client(config)
     try:
-        worker = build_worker(config, client=client)
-        for note in worker.notes:
-            log.warning(note)
-        if not worker.sources:
-            log.error("nothing to serve: generation needs a GPU (or force_cpu_generation) and alchemy is off "
-                      "(set alchemist: true and choose forms)")
-            return 1
+        plan = plan_worker(config, has_gpu=_has_gpu(), client=client)
+    except HordeError as err:  # TOP n needs the horde's stats
+        log.error("could not resolve models_to_load: %s", err)
+        return 2 if isinstance(err, WorkerStopError) else 1
+    for note in plan.notes:
+        log.warning(note)
+    if not (plan.dreamer or plan.alchemist):
+        log.error("nothing to serve: generation needs a GPU (or force_cpu_generation) and alchemy is off "
+                  "(set alchemist: true and choose forms)")
+        return 1
+    download_weights(config, plan)
+    worker = build_worker(config, plan)
+    try:
         greet(client, config, worker)
     except WorkerStopError as err:
         log.error("the horde refused this worker: %s", err)
@@ -205,16 +269,9 @@ def run_worker(config: BridgeConfig) -> int:
 
 
 def download_models(config: BridgeConfig) -> int:
-    """--download-models: fetch and verify the configured models, say what is ready."""
-    from models.device import DevicePolicy
-
-    client = make_client(config)
-    worker_device = DevicePolicy.cpu()
-    from models.cache import ModelCache
-
-    cache = ModelCache(worker_device, ram_budget_bytes=1)
-    manager = _model_manager(config, cache, worker_device, (), client, True)
-    ready = manager.download_missing()
+    """--download-models: fetch and verify everything the configured families need, say what is ready."""
+    plan = plan_worker(config, has_gpu=_has_gpu(), client=make_client(config))
+    ready = download_weights(config, plan)
     for name, ok in ready.items():
         log.info("%s: %s", name, "ready" if ok else "NOT ready (see above)")
     return 0 if ready and all(ready.values()) else 1

@@ -40,7 +40,8 @@ _MAX_BACKOFF_S = 60.0
 # them when validating, and our loader ships its own component configs.
 _OPTIONAL_CONFIG_SUFFIXES = (".yaml", ".yml")
 _PER_CATEGORY_DIRS = frozenset(
-    {"esrgan", "gfpgan", "codeformer", "blip", "clip", "safety_checker", "controlnet", "miscellaneous"}
+    {"esrgan", "gfpgan", "codeformer", "rembg", "blip", "clip", "safety_checker", "controlnet",
+     "miscellaneous"}
 )
 
 
