@@ -68,7 +68,7 @@ def build_demo_models(tiny_dir: Path) -> tuple[Path, list[str]]:
     from postprocessors.tiny import build_tiny_postprocessors
 
     reference = build_tiny_models(tiny_dir / "sd")
-    build_tiny_postprocessors(tiny_dir)
+    build_tiny_postprocessors(tiny_dir, categories=["esrgan", "rembg"])  # the face fixers weigh 650 MB
     build_tiny_interrogators(tiny_dir)
     return reference, list(TINY_NAMES)
 

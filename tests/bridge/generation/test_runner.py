@@ -278,7 +278,7 @@ def test_post_processing_in_order_and_unavailable_ones_reported(pipelines, tmp_p
     from postprocessors.tiny import build_tiny_postprocessors
 
     weights = tmp_path_factory.mktemp("gen-pp")
-    build_tiny_postprocessors(weights)
+    build_tiny_postprocessors(weights, categories=["esrgan"])
     cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
     runtime = make_runtime(pipelines)
     runtime.postprocessors = PostProcessorRegistry(
