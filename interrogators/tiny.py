@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from interrogators.reference import model_dir
+from models.tiny import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -112,20 +113,6 @@ def _write_bert_vocab(folder: Path) -> Path:
     path = folder / "vocab.txt"
     path.write_text("\n".join(dict.fromkeys(tokens)) + "\n", encoding="utf-8")
     return path
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte-level alphabet: every byte maps to a printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def _write_clip_vocab(folder: Path) -> tuple[Path, Path, int, int, int]:
