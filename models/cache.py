@@ -126,6 +126,12 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# One load at a time in the whole process, whichever cache asks: transformers' from_pretrained patches
+# module-level functions while it builds a model (weight tying, init), so two loads in two threads can
+# leave one model with a tied weight never tied (measured: BLIP's decoder bias left on the meta device).
+_LOAD_LOCK = threading.Lock()
+
+
 @dataclass(eq=False)
 class _Entry:
     key: str
@@ -333,7 +339,8 @@ class ModelCache:
 
     def _load(self, entry: _Entry, loader: Callable[[], Any]) -> _Entry:
         started = time.perf_counter()
-        obj = loader()
+        with _LOAD_LOCK:
+            obj = loader()
         tensors = _tensors(obj)  # raises TypeError for uncacheable objects
         if self.device.pin_memory:
             for t in tensors:
