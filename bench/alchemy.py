@@ -43,9 +43,9 @@ from interrogators.reference import (
     model_dir,
 )
 from interrogators.terms import load_terms
-from interrogators.tiny import bytes_to_unicode
 from models.cache import ModelCache
 from models.device import DevicePolicy
+from models.tiny import bytes_to_unicode
 
 logger = logging.getLogger("bench.alchemy")
 

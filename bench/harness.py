@@ -6,24 +6,21 @@ the loop and the HTTP exchange are the real ones).
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bridge.config import build_config
+from bridge.daemon import Daemon, LoopTimings
+from bridge.horde_api import HordeClient
+from bridge.jobs.generation import GenerationSource
+from bridge.journal import Journal
+from bridge.retry import RetryPolicy
+from bridge.stats import Stats
+from bridge.worker import build_worker, load_reference, plan_worker
 
-from bridge.config import build_config  # noqa: E402
-from bridge.daemon import Daemon, LoopTimings  # noqa: E402
-from bridge.horde_api import HordeClient  # noqa: E402
-from bridge.jobs.generation import GenerationSource  # noqa: E402
-from bridge.journal import Journal  # noqa: E402
-from bridge.retry import RetryPolicy  # noqa: E402
-from bridge.stats import Stats  # noqa: E402
-from bridge.worker import build_worker, load_reference, plan_worker  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CACHE = REPO / ".bench-cache"
 MODEL = "tiny-sd1"

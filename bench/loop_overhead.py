@@ -4,6 +4,8 @@ Side by side in one run, alternating: (a) bare: the same generation jobs popped 
 after another (`prepare` + `execute` only, nothing else); (b) bridge: the real daemon serving the same
 number of jobs end to end (pop, prepare, execute, upload, submit). Target: bridge wall per job / bare per job
 <= 1.03.
+
+Run from the repository root: .venv/bin/python -m bench.loop_overhead
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
-
+from bench.harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
 from bridge.jobs.generation import GenerationSource
 from bridge.local_horde import LocalHorde
 

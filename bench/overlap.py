@@ -3,14 +3,15 @@
 The local horde adds 250 ms to every API call and caps upload bandwidth; 50 generation jobs on a real tiny
 pipeline with queue_size 1. Target: inference busy >= 95% of the wall time (first execute start to last
 execute end): popping, source download, upload and submit all overlap with the job running.
+
+Run from the repository root: .venv/bin/python -m bench.overlap
 """
 
 from __future__ import annotations
 
 import time
 
-from harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
-
+from bench.harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
 from bridge.local_horde import LocalHorde
 
 JOBS = 50
