@@ -2,8 +2,8 @@
 
 Side by side in one run, alternating: (a) bare: the same generation jobs popped by hand and executed one
 after another (`prepare` + `execute` only, nothing else); (b) bridge: the real daemon serving the same
-number of jobs end to end (pop, prepare, execute, upload, submit). Target: bridge wall per job / bare per job
-<= 1.03.
+number of jobs end to end (pop, prepare, execute, upload, submit). The local horde runs in its own process,
+as the real one is remote. Target: bridge wall per job / bare per job <= 1.03.
 
 Run from the repository root: .venv/bin/python -m bench.loop_overhead
 """
@@ -13,13 +13,12 @@ from __future__ import annotations
 import statistics
 import time
 
-from bench.harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
+from bench.harness import HordeProcess, Intervals, generation_params, run_jobs, tiny_reference, worker_for
 from bridge.jobs.generation import GenerationSource
-from bridge.local_horde import LocalHorde
 
-JOBS = 20
+JOBS = 16
 ROUNDS = 3
-SIZE, STEPS = 128, 3
+SIZE, STEPS = 512, 4  # the horde's default size; few steps keep the run short
 
 
 def request(horde, i: int) -> str:
@@ -54,7 +53,7 @@ def bridge_round(horde, client, worker) -> float:
 
 def main() -> None:
     reference = tiny_reference()
-    with LocalHorde(known_models=["tiny-sd1"]) as horde:
+    with HordeProcess(["tiny-sd1"]) as horde:
         _, client, worker = worker_for(horde, reference, queue_size=1)
         bridge_round(horde, client, worker)  # warm-up: model load, first-call costs
         bare, bridge = [], []

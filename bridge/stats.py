@@ -65,6 +65,11 @@ class Stats:
                 self._faulted += 1
                 self._faults_by_kind[kind] += 1
 
+    @property
+    def jobs_done(self) -> int:
+        """Jobs whose every submit is done (cheap: no snapshot)."""
+        return self._jobs
+
     def dropped(self, kind: str) -> None:
         with self._lock:
             self._dropped += 1

@@ -148,6 +148,7 @@ def build_worker(
     from models.device import DevicePolicy
 
     device = device or DevicePolicy.detect()
+    apply_cpu_thread_policy(config, device)
     cache = ModelCache(device, ram_budget_bytes=ram_budget(config.ram_to_leave_free),
                        vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
     weights = weights_dir or Path(config.cache_home)
@@ -177,6 +178,26 @@ def build_worker(
         runtime.interrogators.warm()
         sources.append(AlchemySource())
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes))
+
+
+def cpu_torch_threads(cores: int, max_threads: int) -> int:
+    """Intra-op threads per running job on a CPU: one core is left to the loop's pops, uploads and submits.
+    Measured on 2 cores: torch's OpenMP threads spin-wait at every op barrier, so a second torch thread
+    competing with the loop's own threads made each job slower (0.244 s vs 0.213 s a job) than one."""
+    return max(1, (cores - 1) // max(1, max_threads))
+
+
+def apply_cpu_thread_policy(config: BridgeConfig, device) -> None:
+    if device.is_cuda:
+        return
+    import os
+
+    import torch
+
+    threads = cpu_torch_threads(os.cpu_count() or 1, config.max_threads)
+    torch.set_num_threads(threads)
+    log.info("CPU: %d torch thread(s) per job (%d cores, max_threads %d)", threads, os.cpu_count() or 1,
+             config.max_threads)
 
 
 def _quiet_diffusers() -> None:
