@@ -70,7 +70,6 @@ class Daemon:
         self._state = threading.Condition()
         self._waiting = 0  # popped, not yet executed
         self._unsent: dict[int, int] = {}  # id(job) -> submissions not yet sent
-        self._threads: list[threading.Thread] = []
         self._outbox: queue.Queue[tuple[Job, Submission] | None] = queue.Queue()
         self._stop_requests = 0
         self._fault_streak = 0
@@ -169,7 +168,6 @@ class Daemon:
         log.info("popped %s", job.describe())
         thread = threading.Thread(target=self._process, args=(job,), name=f"job-{job.ids[0][:8]}",
                                   daemon=True)
-        self._threads.append(thread)
         thread.start()
 
     # ---- one job ------------------------------------------------------------------------------------------
