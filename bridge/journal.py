@@ -65,6 +65,9 @@ class Journal:
 
     def finish(self, job_id: str) -> None:
         with self._lock:
+            # A finished id can never be claimed again (claim needs an entry), so its claim can go too:
+            # a long-running daemon must not keep every id it ever served.
+            self._claimed.discard(job_id)
             if self._entries.pop(job_id, None) is not None:
                 self._write()
 

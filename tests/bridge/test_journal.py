@@ -71,3 +71,12 @@ def test_corrupt_journal_starts_empty(tmp_path, caplog):
     path.write_text("{not json")
     assert Journal(path).leftovers == {}
     assert "unreadable" in caplog.text
+
+
+def test_a_finished_id_cannot_be_claimed_again_and_is_forgotten(tmp_path):
+    journal = Journal(tmp_path / "inflight.json")
+    journal.add(["done"], GENERATION)
+    assert journal.claim("done")
+    journal.finish("done")
+    assert journal.claim("done") is False
+    assert journal._claimed == set()
