@@ -17,7 +17,7 @@ from bridge.local_horde import LocalHorde
 JOBS = 50
 LATENCY_S = 0.25
 UPLOAD_BYTES_PER_S = 256 * 1024
-SIZE, STEPS = 128, 3
+SIZE, STEPS = 512, 4  # the horde's default size: a job outlasts one 250 ms API call, as real jobs do
 
 
 def main() -> None:
