@@ -135,7 +135,10 @@ class Daemon:
             if self.stopping or free - popped <= 0 or not source.ready(self.runtime):
                 continue
             try:
+                asked = time.monotonic()
                 jobs = source.pop(self.client, self.runtime, free - popped)
+                for job in jobs:
+                    job.timings.pop_wait = time.monotonic() - asked
             except MaintenanceError as err:
                 self._on_maintenance(err)
                 continue

@@ -16,7 +16,10 @@ from bridge.jobs.base import JobTimings
 
 log = logging.getLogger(__name__)
 
-STAGES = ("queue_wait", "source_download", "model_load", "inference", "post_processing", "upload", "submit")
+STAGES = (
+    "pop_wait", "queue_wait", "source_download", "model_load", "inference", "post_processing",
+    "upload", "submit",
+)
 
 
 @dataclass

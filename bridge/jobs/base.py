@@ -41,6 +41,7 @@ class JobTimings:
     """Seconds spent per stage, filled in as the job moves through the loop."""
 
     popped_at: float = field(default_factory=time.monotonic)
+    pop_wait: float = 0.0  # the pop request that brought this job
     source_download: float = 0.0
     queue_wait: float = 0.0
     model_load: float = 0.0
