@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import requests
 from tqdm import tqdm
 
+from models.hub_snapshot import listing_url, select_files
 from models.reference import ModelRecord
 
 logger = logging.getLogger(__name__)
@@ -273,12 +274,9 @@ class Downloader:
             if not items:
                 if is_ready(record, dest_dir):
                     return DownloadOutcome(record.name, True)
-                return DownloadOutcome(
-                    record.name,
-                    False,
-                    f"no downloadable files listed (hf_path="
-                    f"{record.hf_path!r}); place a diffusers snapshot in {dest_dir}",
-                )
+                if not record.hf_path:
+                    return DownloadOutcome(record.name, False, "the reference lists no files for it")
+                items = self._hub_items(record, dest_dir)
             todo = self._missing(record, items)
             self._check_space(record, dest_dir, todo)
             downloaded = [self._download(record, item) for item in todo]
@@ -291,6 +289,17 @@ class Downloader:
         if downloaded:
             logger.info("model %r: %d file(s) downloaded and verified", record.name, len(downloaded))
         return DownloadOutcome(record.name, True, downloaded=downloaded)
+
+    def _hub_items(self, record: ModelRecord, dest_dir: Path) -> list[_Item]:
+        """A diffusers-shape record: the repository's pipeline files, listed by the hub's API."""
+        url = listing_url(str(record.hf_path))
+        try:
+            response = self._http().get(url, timeout=self._timeout)
+            response.raise_for_status()
+            files = select_files(str(record.hf_path), response.json())
+        except (requests.RequestException, ValueError) as exc:
+            raise DownloadError(f"could not list {record.hf_path} on the hub ({exc})") from exc
+        return [_Item(f.path, _resolve(dest_dir, f.path, record), f.sha256, f.url) for f in files]
 
     def _missing(self, record: ModelRecord, items: list[_Item]) -> list[_Item]:
         todo: list[_Item] = []
