@@ -73,8 +73,6 @@ NOT_ACTED_ON: dict[str, str] = {
     "allow_sdxl_controlnet": "ControlNet is not implemented; the worker always pops with it false",
     "allow_lora": "LoRA is not implemented; the worker always pops with allow_lora false",
     "max_lora_cache_size": "LoRA is not implemented",
-    "dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
-    "number_of_dynamic_models": "the model list is fixed at start (models_to_load, including TOP n)",
     "temp_dir": "the worker writes no scratch files",
     "always_download": "missing model files are always downloaded at start; the worker never asks",
     "suppress_speed_warnings": "the worker emits no speed warnings yet",

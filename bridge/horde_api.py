@@ -148,6 +148,11 @@ class HordeClient:
     def model_stats(self) -> dict:
         return self._call("GET", "stats/img/models", parse=_dict)
 
+    def model_status(self) -> list[dict]:
+        """GET /status/models?type=image: per model, workers serving it and jobs queued (dynamic_models)."""
+        reply = self._call("GET", "status/models?type=image", endpoint="status/models", parse=_dict)
+        return [row for row in reply.get("items", []) if isinstance(row, dict)]
+
     def get_worker(self, worker_id: str) -> dict:
         return self._call("GET", f"workers/{quote(worker_id, safe='')}", endpoint="workers", parse=_dict)
 

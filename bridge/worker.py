@@ -57,6 +57,7 @@ class Worker:
     dreamer: bool
     alchemist: bool
     notes: list[str] = field(default_factory=list)
+    reference: Any = None  # models.reference.ModelReference
 
 
 def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[str]]:
@@ -177,7 +178,7 @@ def build_worker(
         # first pop, not inside a form's 3-minute ttl.
         runtime.interrogators.warm()
         sources.append(AlchemySource())
-    return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes))
+    return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
 
 
 def cpu_torch_threads(cores: int, max_threads: int) -> int:
@@ -248,7 +249,7 @@ def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
                     stats=stats)
     restore = install_signal_handlers(daemon)
     try:
-        with StatsReporter(stats, config.stats_output_frequency), \
+        with StatsReporter(stats, config.stats_output_frequency), follow_queue(worker, client, config), \
                 live_status(stats, enabled=not config.disable_terminal_ui):
             code = daemon.run()
     finally:
@@ -256,6 +257,20 @@ def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
     if daemon.stop_reason:
         log.error("stopped: %s", daemon.stop_reason)
     return code
+
+
+def follow_queue(worker: Worker, client: HordeClient, config: BridgeConfig):
+    """dynamic_models: a background refresher, or nothing."""
+    from contextlib import nullcontext
+
+    if not (config.dynamic_models and config.number_of_dynamic_models > 0 and worker.runtime.models):
+        return nullcontext()
+    from bridge.dynamic_models import DynamicModels
+    from models.downloads import Downloader
+
+    return DynamicModels(client=client, manager=worker.runtime.models, reference=worker.reference,
+                         downloader=Downloader(Path(config.cache_home)), cache_home=Path(config.cache_home),
+                         number=config.number_of_dynamic_models)
 
 
 def _has_gpu() -> bool:

@@ -79,6 +79,13 @@ class ModelManager:
         elif canonical not in self._models:
             self._models.append(canonical)
 
+    def add_model(self, name: str) -> bool:
+        """Serve one more model (dynamic_models); True when it is now among the configured models."""
+        with self._lock:
+            self._add(name)
+            canonical = self._reference.canonical(name)
+            return canonical is not None and canonical in self._models
+
     # --- what is served -------------------------------------------------------------------------------
 
     @property
