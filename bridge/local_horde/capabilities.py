@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bridge.local_horde.schema import POST_PROCESSORS_V1, POST_PROCESSORS_V13
+
 REGEN = "AI Horde Worker reGen"
 LEGACY = "AI Horde Worker"
 
@@ -17,14 +19,7 @@ _REGEN_V1 = {
     "inpainting",
     "karras",
     "post-processing",
-    "GFPGAN",
-    "RealESRGAN_x4plus",
-    "RealESRGAN_x2plus",
-    "RealESRGAN_x4plus_anime_6B",
-    "NMKD_Siax",
-    "4x_AnimeSharp",
-    "CodeFormers",
-    "strip_background",
+    *POST_PROCESSORS_V1,
     "r2",
     "r2_source",
     "clip_skip",
@@ -34,16 +29,7 @@ _REGEN_V1 = {
     "hires_fix",
     "tiling",
 }
-_V13_POST = {
-    "4xNomos8kSC",
-    "4xLSDIRplus",
-    "4xNomosWebPhoto_RealPLKSR",
-    "4xNomos2_realplksr_dysample",
-    "4xNomos2_hq_dat2",
-    "2xModernSpanimationV1",
-    "GFPGANv1.3",
-    "RestoreFormer",
-}
+_V13_POST = set(POST_PROCESSORS_V13)
 
 # version -> features added at that version (the horde takes the union of every entry <= the worker's).
 BRIDGE_CAPABILITIES: dict[str, dict[int, set[str]]] = {

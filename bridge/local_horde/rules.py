@@ -7,6 +7,7 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
+from bridge.local_horde.schema import NON_UPSCALERS, POST_PROCESSORS
 from bridge.local_horde.state import ApiError, Worker
 
 if TYPE_CHECKING:
@@ -14,19 +15,7 @@ if TYPE_CHECKING:
 
 SLOW_BASELINES = ("flux_1", "qwen_image", "z_image_turbo")
 SLOW_SAMPLERS = ("k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde")
-UPSCALERS = (
-    "RealESRGAN_x4plus",
-    "RealESRGAN_x2plus",
-    "RealESRGAN_x4plus_anime_6B",
-    "NMKD_Siax",
-    "4x_AnimeSharp",
-    "4xNomos8kSC",
-    "4xLSDIRplus",
-    "4xNomosWebPhoto_RealPLKSR",
-    "4xNomos2_realplksr_dysample",
-    "4xNomos2_hq_dat2",
-    "2xModernSpanimationV1",
-)
+UPSCALERS = tuple(p for p in POST_PROCESSORS if p not in NON_UPSCALERS)
 _USERNAME = re.compile(r"^.+#\d+$")
 
 

@@ -12,7 +12,8 @@ from typing import Any
 Schema = dict[str, Any]
 
 # Names shared with the pop/submit logic.
-POST_PROCESSORS = (
+# The horde's KNOWN_POST_PROCESSORS, in its order: reGen v1's set, then the ones added at bridge v13.
+POST_PROCESSORS_V1 = (
     "GFPGAN",
     "RealESRGAN_x4plus",
     "RealESRGAN_x2plus",
@@ -21,6 +22,8 @@ POST_PROCESSORS = (
     "4x_AnimeSharp",
     "CodeFormers",
     "strip_background",
+)
+POST_PROCESSORS_V13 = (
     "4xNomos8kSC",
     "4xLSDIRplus",
     "4xNomosWebPhoto_RealPLKSR",
@@ -30,6 +33,9 @@ POST_PROCESSORS = (
     "GFPGANv1.3",
     "RestoreFormer",
 )
+POST_PROCESSORS = POST_PROCESSORS_V1 + POST_PROCESSORS_V13
+# Those that are not upscalers (no tile count, no size change).
+NON_UPSCALERS = ("GFPGAN", "CodeFormers", "strip_background", "GFPGANv1.3", "RestoreFormer")
 SAMPLERS = (
     "k_lms",
     "k_heun",
