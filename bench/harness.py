@@ -137,7 +137,7 @@ class HordeProcess:
         import subprocess
         import sys
 
-        from bridge.local_horde import DEFAULT_API_KEY
+        from local_horde import DEFAULT_API_KEY
 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -146,7 +146,7 @@ class HordeProcess:
         self.api_key = DEFAULT_API_KEY
         self.models = models
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.local_horde", "--port", str(port), "--models", *models],
+            [sys.executable, "-m", "local_horde", "--port", str(port), "--models", *models],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import requests
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from bench.harness import Intervals, generation_params, run_jobs, tiny_reference, worker_for
-from bridge.local_horde import LocalHorde
+from local_horde import LocalHorde
 
 JOBS = 50
 LATENCY_S = 0.25

@@ -2,7 +2,7 @@
 
 1. Build (once) tiny random-weight models of every kind under `<cache_home>/tiny` — unless the operator's
    real models are present, which are then used instead.
-2. Start the local horde (`bridge/local_horde`) on loopback and post sample requests as a requester would.
+2. Start the local horde (`local_horde`) on loopback and post sample requests as a requester would.
 3. Run the real daemon (the same `build_worker` + `Daemon` as a live worker) until every request is done.
 4. Download the results into the output folder and print a table.
 
@@ -138,7 +138,7 @@ def _save_alchemy(horde, status: dict[str, Any], folder: Path, label: str) -> li
 
 
 def run_demo(config: BridgeConfig, *, output_dir: Path) -> int:
-    from bridge.local_horde import DEFAULT_API_KEY, LocalHorde
+    from local_horde import DEFAULT_API_KEY, LocalHorde
 
     tiny_dir = Path(config.cache_home) / "tiny"
     started = time.monotonic()

@@ -24,7 +24,7 @@ from bridge.daemon import Daemon, LoopTimings
 from bridge.horde_api import HordeClient
 from bridge.jobs.alchemy import AlchemySource
 from bridge.journal import Journal
-from bridge.local_horde import DEFAULT_API_KEY, LocalHorde
+from local_horde import DEFAULT_API_KEY, LocalHorde
 from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher

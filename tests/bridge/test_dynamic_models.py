@@ -6,7 +6,7 @@ import pytest
 
 from bridge.dynamic_models import DynamicModels
 from bridge.horde_api import HordeClient
-from bridge.local_horde import DEFAULT_API_KEY, LocalHorde
+from local_horde import DEFAULT_API_KEY, LocalHorde
 from models.cache import ModelCache
 from models.device import DevicePolicy
 from models.downloads import Downloader

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bridge.images import encode_webp, encode_webp_base64
-from bridge.local_horde import CORRUPT_IMAGE_BYTES, LocalHorde, huge_image_bytes
+from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde, huge_image_bytes
 from bridge.sources import SourceFetcher, SourceImageError
 
 

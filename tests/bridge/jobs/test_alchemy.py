@@ -28,7 +28,7 @@ from bridge.jobs.alchemy import (
     PostProcessJob,
     UnservableJob,
 )
-from bridge.local_horde import CORRUPT_IMAGE_BYTES, LocalHorde
+from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde
 from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher

@@ -12,18 +12,18 @@ requeues, bridge_agent capabilities (an unknown bridge name gets none: no r2, no
 img2img/post-processing...). Requester helpers (`request_generation`, `request_interrogation`, `host_image`,
 `generation_status`, `interrogation_status`, `wait_done`, `download`) go over real HTTP and are never
 faulted. `horde.faults` (see faults.py) injects 5xx, 429, hangs, drops, malformed bodies, latency, an upload
-bandwidth cap and forced expiry; `horde.expire(id)` aborts a job now. `python -m bridge.local_horde` runs one.
+bandwidth cap and forced expiry; `horde.expire(id)` aborts a job now. `python -m local_horde` runs one.
 """
 
-from bridge.local_horde.faults import (
+from local_horde.faults import (
     CORRUPT_IMAGE_BYTES,
     Fault,
     FaultInjector,
     FaultKind,
     huge_image_bytes,
 )
-from bridge.local_horde.horde import DEFAULT_API_KEY, LocalHorde
-from bridge.local_horde.state import ANON_API_KEY, Accounting
+from local_horde.horde import DEFAULT_API_KEY, LocalHorde
+from local_horde.state import ANON_API_KEY, Accounting
 
 __all__ = [
     "ANON_API_KEY",

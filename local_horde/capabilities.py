@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bridge.local_horde.schema import POST_PROCESSORS_V1, POST_PROCESSORS_V13
+from local_horde.schema import POST_PROCESSORS_V1, POST_PROCESSORS_V13
 
 REGEN = "AI Horde Worker reGen"
 LEGACY = "AI Horde Worker"

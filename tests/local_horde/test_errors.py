@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import requests
 
-from bridge.local_horde import ANON_API_KEY, LocalHorde
-from tests.bridge.local_horde.conftest import WorkerClient, small_params
+from local_horde import ANON_API_KEY, LocalHorde
+from tests.local_horde.conftest import WorkerClient, small_params
 
 VALIDATION = "Input payload validation failed"
 

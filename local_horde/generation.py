@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.local_horde import rules
-from bridge.local_horde.schema import GENERATE_POP, GENERATE_SUBMIT, validate
-from bridge.local_horde.state import (
+from local_horde import rules
+from local_horde.schema import GENERATE_POP, GENERATE_SUBMIT, validate
+from local_horde.state import (
     ApiError,
     Registry,
     User,

@@ -7,9 +7,9 @@ import base64
 import pytest
 import requests
 
-from bridge.local_horde import LocalHorde
-from bridge.local_horde.capabilities import parse_bridge_agent
-from tests.bridge.local_horde.conftest import REGEN, UNKNOWN_BRIDGE, WorkerClient, small_params, webp
+from local_horde import LocalHorde
+from local_horde.capabilities import parse_bridge_agent
+from tests.local_horde.conftest import REGEN, UNKNOWN_BRIDGE, WorkerClient, small_params, webp
 
 IDLE_GENERATE = {
     "payload": {

@@ -1,4 +1,4 @@
-"""Run a local horde by hand: `python -m bridge.local_horde --models tiny-sd1 --port 7001`.
+"""Run a local horde by hand: `python -m local_horde --models tiny-sd1 --port 7001`.
 
 Useful to point a worker (or curl) at it; queue work with the requester endpoints or `--requests N`.
 """
@@ -9,13 +9,13 @@ import argparse
 import logging
 import threading
 
-from bridge.local_horde import LocalHorde
+from local_horde import LocalHorde
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bridge.local_horde")
+    parser = argparse.ArgumentParser(prog="python -m local_horde")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["stable_diffusion"])
     parser.add_argument("--latency", type=float, default=0.0, help="extra seconds on every API call")

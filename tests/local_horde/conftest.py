@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from bridge.local_horde import DEFAULT_API_KEY, LocalHorde
+from local_horde import DEFAULT_API_KEY, LocalHorde
 
 REGEN = "AI Horde Worker reGen:10.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
 UNKNOWN_BRIDGE = "my-own-bridge:1.0.0:https://example.org"

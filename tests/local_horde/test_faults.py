@@ -11,8 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from bridge.local_horde import CORRUPT_IMAGE_BYTES, FaultKind, LocalHorde, huge_image_bytes
-from tests.bridge.local_horde.conftest import WorkerClient, small_params, webp
+from local_horde import CORRUPT_IMAGE_BYTES, FaultKind, LocalHorde, huge_image_bytes
+from tests.local_horde.conftest import WorkerClient, small_params, webp
 
 
 def test_http_error_with_rc_body_then_recovers(horde: LocalHorde, worker: WorkerClient) -> None:

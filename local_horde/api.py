@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bridge.local_horde.alchemy import AlchemyQueue
-from bridge.local_horde.generation import GenerationQueue
-from bridge.local_horde.schema import GENERATE_ASYNC, INTERROGATE_ASYNC, WORKER_MODIFY, validate
-from bridge.local_horde.state import ApiError, Registry, User, missing_apikey, validation_error
+from local_horde.alchemy import AlchemyQueue
+from local_horde.generation import GenerationQueue
+from local_horde.schema import GENERATE_ASYNC, INTERROGATE_ASYNC, WORKER_MODIFY, validate
+from local_horde.state import ApiError, Registry, User, missing_apikey, validation_error
 
 HORDE_VERSION = "5.1.5"
 SOURCE_FETCH_TIMEOUT_S = 2.0
@@ -131,7 +131,7 @@ class HordeApi:
 
     @staticmethod
     def _kudos(params: dict[str, Any]) -> float:
-        from bridge.local_horde.rules import image_kudos
+        from local_horde.rules import image_kudos
 
         return image_kudos(params)
 

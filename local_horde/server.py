@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.local_horde.api import HORDE_VERSION, ApiRequest, HordeApi, parse_query
-from bridge.local_horde.faults import MALFORMED_BODY, Fault, FaultInjector, FaultKind
-from bridge.local_horde.state import ApiError
-from bridge.local_horde.store import ObjectStore, StoreError
+from local_horde.api import HORDE_VERSION, ApiRequest, HordeApi, parse_query
+from local_horde.faults import MALFORMED_BODY, Fault, FaultInjector, FaultKind
+from local_horde.state import ApiError
+from local_horde.store import ObjectStore, StoreError
 
 logger = logging.getLogger(__name__)
 

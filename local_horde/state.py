@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.local_horde.capabilities import BridgeAgent, parse_bridge_agent
-from bridge.local_horde.schema import VALIDATION_MESSAGE
-from bridge.local_horde.store import ObjectStore
+from local_horde.capabilities import BridgeAgent, parse_bridge_agent
+from local_horde.schema import VALIDATION_MESSAGE
+from local_horde.store import ObjectStore
 
 ANON_API_KEY = "0000000000"
 WORKER_OFFLINE_AFTER_S = 300.0

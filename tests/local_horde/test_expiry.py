@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge.local_horde import LocalHorde
-from tests.bridge.local_horde.conftest import WorkerClient, small_params
+from local_horde import LocalHorde
+from tests.local_horde.conftest import WorkerClient, small_params
 
 
 @pytest.fixture

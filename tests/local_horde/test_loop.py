@@ -7,8 +7,8 @@ import threading
 
 import requests
 
-from bridge.local_horde import DEFAULT_API_KEY, LocalHorde
-from tests.bridge.local_horde.conftest import WorkerClient, small_params, webp
+from local_horde import DEFAULT_API_KEY, LocalHorde
+from tests.local_horde.conftest import WorkerClient, small_params, webp
 
 
 def test_generation_loop_returns_the_exact_uploaded_bytes(horde: LocalHorde, worker: WorkerClient) -> None:

@@ -7,11 +7,11 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
-from bridge.local_horde.schema import NON_UPSCALERS, POST_PROCESSORS
-from bridge.local_horde.state import ApiError, Worker
+from local_horde.schema import NON_UPSCALERS, POST_PROCESSORS
+from local_horde.state import ApiError, Worker
 
 if TYPE_CHECKING:
-    from bridge.local_horde.generation import GenRequest
+    from local_horde.generation import GenRequest
 
 SLOW_BASELINES = ("flux_1", "qwen_image", "z_image_turbo")
 SLOW_SAMPLERS = ("k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpmpp_2s_a", "k_dpmpp_sde")

@@ -12,12 +12,12 @@ from typing import Any
 
 import requests
 
-from bridge.local_horde.alchemy import AlchemyQueue
-from bridge.local_horde.api import HordeApi
-from bridge.local_horde.faults import FaultInjector
-from bridge.local_horde.generation import GenerationQueue
-from bridge.local_horde.server import BYPASS_HEADER, HordeTransport, make_server
-from bridge.local_horde.state import Accounting, Registry
+from local_horde.alchemy import AlchemyQueue
+from local_horde.api import HordeApi
+from local_horde.faults import FaultInjector
+from local_horde.generation import GenerationQueue
+from local_horde.server import BYPASS_HEADER, HordeTransport, make_server
+from local_horde.state import Accounting, Registry
 
 logger = logging.getLogger(__name__)
 

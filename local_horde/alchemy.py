@@ -8,9 +8,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.local_horde import rules
-from bridge.local_horde.schema import INTERROGATE_POP, POST_PROCESSORS, validate
-from bridge.local_horde.state import (
+from local_horde import rules
+from local_horde.schema import INTERROGATE_POP, POST_PROCESSORS, validate
+from local_horde.state import (
     ApiError,
     Registry,
     User,
