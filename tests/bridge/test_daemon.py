@@ -24,11 +24,11 @@ from bridge.daemon import Daemon, LoopTimings
 from bridge.horde_api import HordeClient
 from bridge.jobs.alchemy import AlchemySource
 from bridge.journal import Journal
-from local_horde import DEFAULT_API_KEY, LocalHorde
 from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from bridge.stats import Stats
+from local_horde import DEFAULT_API_KEY, LocalHorde
 from models.device import DevicePolicy
 from tests.interrogators.helpers import cpu_cache, tiny_models_dir, tiny_set
 

@@ -35,8 +35,8 @@ from bridge.errors import (
     WorkerStopError,
 )
 from bridge.horde_api import HordeClient, parse_retry_after
-from local_horde import ANON_API_KEY, DEFAULT_API_KEY, FaultKind, LocalHorde
 from bridge.retry import RetryPolicy
+from local_horde import ANON_API_KEY, DEFAULT_API_KEY, FaultKind, LocalHorde
 
 REGEN = "AI Horde Worker reGen:10.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
 MODELS = ("stable_diffusion", "tiny-sd1")

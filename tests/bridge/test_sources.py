@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from bridge.images import encode_webp, encode_webp_base64
-from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde, huge_image_bytes
 from bridge.sources import SourceFetcher, SourceImageError
+from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde, huge_image_bytes
 
 
 def png(size: tuple[int, int] = (40, 30), color: str = "blue") -> bytes:

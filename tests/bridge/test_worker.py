@@ -5,9 +5,9 @@ from __future__ import annotations
 from bridge.api_models import InterrogationPopRequest
 from bridge.config import build_config
 from bridge.horde_api import HordeClient
-from local_horde import DEFAULT_API_KEY, LocalHorde
 from bridge.worker import choose_modes, leave_maintenance, load_reference, plan_worker, weight_records
 from interrogators.reference import model_dir as interrogator_dir
+from local_horde import DEFAULT_API_KEY, LocalHorde
 from models.device import DevicePolicy
 from models.downloads import model_dir
 from models.reference import ModelReference

@@ -28,13 +28,13 @@ from bridge.jobs.alchemy import (
     PostProcessJob,
     UnservableJob,
 )
-from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde
 from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from interrogators import InterrogatorSet
 from interrogators.terms import CATEGORIES
 from interrogators.tiny import TINY_SAFETY_FLAGS
+from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde
 from models.cache import ModelCache
 from models.device import DevicePolicy
 from postprocessors import PostProcessorRegistry

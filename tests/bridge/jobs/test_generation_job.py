@@ -17,8 +17,8 @@ from bridge.config import BRIDGE_NAME, BridgeConfig
 from bridge.horde_api import HordeClient
 from bridge.images import encode_webp
 from bridge.jobs.generation import GenerationJob, GenerationSource, pop_request
-from local_horde import CORRUPT_IMAGE_BYTES, DEFAULT_API_KEY, LocalHorde
 from bridge.runtime import Runtime
+from local_horde import CORRUPT_IMAGE_BYTES, DEFAULT_API_KEY, LocalHorde
 from tests.bridge.generation import conftest as generation_fixtures
 from tests.bridge.generation.conftest import RecordingManager, make_manager, make_runtime
 
