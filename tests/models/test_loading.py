@@ -298,7 +298,9 @@ WILD = {
     "training-sd1": ("sd-v1-4.ckpt", "sd1", "StableDiffusionPipeline", "epsilon", 4),
     "legacy-sd1": ("legacy-sd1.ckpt", "sd1", "StableDiffusionPipeline", "epsilon", 4),
     "sd2-768-v": ("768-v-ema.ckpt", "sd2-v", "StableDiffusionPipeline", "v_prediction", 4),
-    "inpainting-sd1": ("sd-v1-5-inpainting.ckpt", "sd1-inpainting", "StableDiffusionInpaintPipeline", "epsilon", 9),
+    "inpainting-sd1": (
+        "sd-v1-5-inpainting.ckpt", "sd1-inpainting", "StableDiffusionInpaintPipeline", "epsilon", 9
+    ),
     "civitai-fp16": ("civitai-fp16.safetensors", "sd1", "StableDiffusionPipeline", "epsilon", 4),
     "civitai-fp16-ema": ("civitai-fp16-ema.safetensors", "sd1", "StableDiffusionPipeline", "epsilon", 4),
     "sdxl-single": ("sd_xl_base_1.0.safetensors", "sdxl", "StableDiffusionXLPipeline", "epsilon", 4),
@@ -317,9 +319,8 @@ def test_checkpoints_from_the_wild_load_into_the_right_pipeline(wild_ref, name):
     assert pipe.scheduler.config.prediction_type == prediction
     assert pipe.unet.config.in_channels == channels and pipe.unet.dtype == torch.float32
     # Weights a pipeline uses only: EMA copies and schedule buffers are not counted.
-    assert plan.parameters == sum(p.numel() for m in ("unet", "vae", "text_encoder") for p in getattr(pipe, m).parameters()) + (
-        sum(p.numel() for p in pipe.text_encoder_2.parameters()) if family == "sdxl" else 0
-    )
+    modules = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    assert plan.parameters == sum(p.numel() for m in modules for p in getattr(pipe, m).parameters())
 
 
 def test_first_verified_load_keeps_a_safetensors_twin_used_by_later_loads(wild_ref, monkeypatch):
