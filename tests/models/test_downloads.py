@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -458,3 +459,16 @@ def test_every_shipped_interrogator_record_is_pinned_to_a_revision() -> None:
         revision = raw["hf_revision"]
         assert len(revision) == 40, name
         assert all(f"/resolve/{revision}/" in d["file_url"] for d in raw["config"]["download"]), name
+
+
+def test_download_rate_limit_is_one_budget_for_every_thread() -> None:
+    from models.downloads import _Throttle
+
+    throttle = _Throttle(100_000.0, time.sleep)  # 100 kB/s shared by two threads
+    started = time.monotonic()
+    threads = [threading.Thread(target=lambda: [throttle.spend(10_000) for _ in range(2)]) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 0.35 <= time.monotonic() - started <= 1.0  # 40 kB at 100 kB/s, whatever the thread count

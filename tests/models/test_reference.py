@@ -466,3 +466,17 @@ def test_dynamic_models_only_follow_servable_queues(caplog: pytest.LogCaptureFix
         follower.refresh_once()
     said = [r.message for r in caplog.records if flux in r.message]
     assert len(said) == 1 and "cannot run" in said[0]
+
+
+def test_model_reference_from_a_local_folder_instead_of_the_internet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(SUBSET, mirror / "stable_diffusion.json")
+    with caplog.at_level(logging.WARNING, logger="models.reference"):
+        reference = ModelReference.load(cache_dir=tmp_path / "cache", upstream=str(mirror))
+    assert "Yiffy" in reference and "Deliberate" in reference
+    # The files the folder lacks come from the shipped snapshot, said in one line.
+    (line,) = [r.message for r in caplog.records]
+    assert "unreachable" in line and "snapshot" in line and "esrgan.json" in line
