@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) and installs the pinned runtime. Run it again after pulling: it is instant
+# Creates .venv (Python 3.11, 3.12 or 3.13: whichever the machine has) and installs the pinned runtime. Run it again after pulling: it is instant
 # when nothing changed and only installs what changed otherwise.
 #
 #   ./update-runtime.sh            torch for this machine: CUDA when nvidia-smi answers, else CPU
@@ -7,6 +7,7 @@
 #   ./update-runtime.sh --cuda     CUDA torch
 #   ./update-runtime.sh --rocm     ROCm torch (AMD GPUs)
 #   ./update-runtime.sh --dev      also the test tools (pytest, ruff); combines with the above
+#   PYTHON=/path/to/python3.x ./update-runtime.sh    use that interpreter (3.11 to 3.13)
 #
 # torch 2.14.1 + torchvision 0.29.1: the newest pair that installs and imports together here (torch 2.13.0's
 # CPU wheel has no torchvision that loads beside it, and the post-processors need torchvision). On Linux the
@@ -36,28 +37,38 @@ if [ "$flavor" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then flavor=cuda; else flavor=cpu; fi
 fi
 
+supported() { "$1" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null; }
 python_bin=${PYTHON:-}
+if [ -n "$python_bin" ] && ! supported "$python_bin"; then
+  echo "update-runtime.sh: $python_bin is not Python 3.11, 3.12 or 3.13" >&2
+  exit 1
+fi
 if [ -z "$python_bin" ]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && \
-       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  # The machine's own python3 first (Ubuntu 24.04: 3.12), then any supported version it has.
+  for candidate in python3 python3.12 python3.13 python3.11; do
+    if command -v "$candidate" >/dev/null 2>&1 && supported "$candidate"; then
       python_bin=$candidate; break
     fi
   done
 fi
 if [ -z "$python_bin" ]; then
-  echo "update-runtime.sh: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2
+  echo "update-runtime.sh: Python 3.11, 3.12 or 3.13 is required (set PYTHON=/path/to/python3.x)" >&2
+  exit 1
+fi
+if [ -x .venv/bin/python ] && ! supported .venv/bin/python; then
+  echo "update-runtime.sh: .venv holds an unsupported Python; remove .venv and run again" >&2
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
-  echo "creating .venv with $python_bin"
+  echo "creating .venv with $python_bin ($("$python_bin" -c 'import platform; print(platform.python_version())'))"
   "$python_bin" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 
 # The stamp records what the venv was built from: unchanged inputs mean nothing to do.
 stamp_file=.venv/.runtime-stamp
-inputs=$(cat requirements.txt; [ "$dev" = 1 ] && cat requirements-dev.txt; echo "$flavor $TORCH_VERSION $TORCHVISION_VERSION")
+venv_python=$(.venv/bin/python -c 'import platform; print(platform.python_version())')
+inputs=$(cat requirements.txt; [ "$dev" = 1 ] && cat requirements-dev.txt; echo "$flavor $TORCH_VERSION $TORCHVISION_VERSION $venv_python")
 stamp=$(printf '%s' "$inputs" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
   echo "runtime up to date ($flavor torch $TORCH_VERSION)"

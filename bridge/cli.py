@@ -60,32 +60,18 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def resolved_models(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
-    """The model list after meta entries and skips, from the cached/upstream reference (no download)."""
-    try:
-        from models.reference import ModelReference
-    except ImportError as err:  # the reference module is part of every install; this guards a broken one
-        return list(loaded.config.models_to_load), [f"model reference unavailable: {err}"]
-    config = loaded.config
-    cache_dir = Path(config.cache_home) / "reference"
-    extra = [Path(p) for p in config.custom_model_reference]
-    try:
-        reference = ModelReference.load(cache_dir=cache_dir, extra_files=extra, timeout=5.0)
-    except Exception as err:  # offline with no cache yet: say so, don't fail the check
-        return list(config.models_to_load), [f"model reference not available ({err}): names not checked"]
-    resolved = reference.resolve(config.models_to_load, config.models_to_skip)
-    return list(resolved.names), list(resolved.warnings)
-
-
 def check_config(loaded: LoadedConfig) -> int:
     config = loaded.config
     print(f"# config: {loaded.source or '(defaults)'}")
     print(yaml.safe_dump(masked_dump(config), sort_keys=False).rstrip())
-    names, model_warnings = resolved_models(loaded)
-    print("\n# resolved models_to_load")
-    print(json.dumps(names))
+    plan_lines, model_warnings, stop = _plan_section(config)
+    print("\n".join(plan_lines))
+    if loaded.mapped_keys:
+        print("\n# keys of other workers' files, honoured as ours")
+        for key, became in loaded.mapped_keys.items():
+            print(f"- {key}: {became}")
     if loaded.ignored_legacy_keys:
-        print("\n# legacy keys accepted without effect")
+        print("\n# keys of other workers' files accepted without effect here")
         for key, why in loaded.ignored_legacy_keys.items():
             print(f"- {key}: {why}")
     print("\n# keys accepted but not acted on yet")
@@ -95,7 +81,32 @@ def check_config(loaded: LoadedConfig) -> int:
     print("\n# warnings")
     for warning in warnings or ["none"]:
         print(f"- {warning}")
+    if stop:
+        print(f"\nthe worker would not start: {stop}")
+        return 1
     return 0
+
+
+def _plan_section(config) -> tuple[list[str], list[str], str | None]:
+    """The resolved models and the download plan as `run_worker.py` would start with them (no download);
+    warnings; the line that would stop the start, if any."""
+    from bridge.startup import download_plan, is_real_horde, template_name_problems
+    from bridge.worker import _has_gpu, plan_worker, weight_records
+
+    try:
+        plan = plan_worker(config, has_gpu=_has_gpu())
+    except Exception as err:  # offline with no cache and no snapshot: say so, don't fail the check
+        return [f"\n# model plan unavailable: {err}"], [f"model plan unavailable ({err})"], None
+    lines = ["\n# resolved models_to_load", json.dumps(plan.models)]
+    downloads = download_plan(Path(config.cache_home), weight_records(config, plan))
+    lines += ["\n# download plan"] + [f"- {line}" for line in downloads.lines()]
+    warnings = list(plan.notes)
+    names = template_name_problems(config, dreamer=plan.dreamer, alchemist=plan.alchemist)
+    warnings += names
+    stop = downloads.shortage()
+    if names and is_real_horde(config):
+        stop = names[0]
+    return lines, warnings, stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in err.lines:
             print(f"config error: {line}", file=sys.stderr)
         return 1
+    from bridge.startup import apply_gpu_indices
+
+    apply_gpu_indices(loaded.config)  # before anything initialises CUDA
     if args.check_config:
         return check_config(loaded)
+    if loaded.config.limited_console_messages:
+        verbosity = min(verbosity, -1)
     setup_logging(verbosity, args.log_file, [loaded.config.api_key.get_secret_value()])
     if args.demo:
         from bridge.demo import run_demo

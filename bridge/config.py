@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bridge.peer_keys import MAPPED_KEYS, PEER_KEYS_WITHOUT_EFFECT
+
 ANONYMOUS_API_KEY = "0000000000"
 BRIDGE_NAME = "horde-bridge-py"
 BRIDGE_VERSION = "0.1.0"
@@ -35,6 +37,16 @@ KNOWN_FORMS = (
     "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
     "4x_AnimeSharp", "CodeFormers", "strip_background",
 )  # fmt: skip
+INTERROGATOR_FORM_NAMES = ("caption", "interrogation", "nsfw")
+# `post-process` in a peer's forms list (the legacy worker's and reGen's template default) means every
+# post-processor form served here; tests tie this to postprocessors.ORDER. It is never sent as a form name.
+POST_PROCESS_ALIAS = "post-process"
+POST_PROCESSOR_FORMS = tuple(form for form in KNOWN_FORMS if form not in INTERROGATOR_FORM_NAMES)
+# The names horde workers' templates ship as defaults: a worker that keeps one collides with everyone else's.
+TEMPLATE_WORKER_NAMES = frozenset(
+    {"An Awesome AI Horde Worker", "An Awesome Dreamer", "An Awesome Alchemist", "My Awesome Instance"}
+)
+REAL_HORDE_HOSTS = frozenset({"aihorde.net", "stablehorde.net"})
 # The format models.cache.leave_free_bytes computes with: "80%" of the total, or megabytes ("4096", "4096MB").
 _MEMORY_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|mb|mib|m)?\s*$", re.IGNORECASE)
 
@@ -63,7 +75,6 @@ LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "custom_models": "use a local reference file (custom_model_reference)",
     "process_timeout": "jobs are bounded by the horde's ttl",
     "preload_timeout": "not used",
-    "horde_model_stickiness": "not used",
     "enable_controlnet": "ControlNet is not supported yet",
 }
 
@@ -140,6 +151,15 @@ class BridgeConfig(BaseModel):
     disable_terminal_ui: bool = False
     stats_output_frequency: int = Field(30, ge=0)
     suppress_speed_warnings: bool = False
+    # Real files and start-up (keys reGen's 2026 line shares are honoured with its meaning)
+    only_models_on_disk: bool = False
+    download_rate_limit_kbps: int | None = Field(None, ge=0)
+    gpu_device_indices: list[int] | None = None
+    limited_console_messages: bool = False
+    model_reference: str | None = None
+    caption_model: str | None = None
+    clip_model: str | None = None
+    nsfw_model: str | None = None
 
     @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
     @classmethod
@@ -150,13 +170,27 @@ class BridgeConfig(BaseModel):
             raise ValueError("expected a percentage like '80%' or megabytes like 4096")
         return text.strip()
 
-    @field_validator("forms")
+    @field_validator("forms", mode="before")
     @classmethod
-    def _known_forms(cls, value: list[str]) -> list[str]:
-        unknown = [form for form in value if form not in KNOWN_FORMS]
+    def _known_forms(cls, value: Any) -> list[str]:
+        """Spellings normalise (reGen lower-cases forms and writes post_process); `post-process` expands."""
+        if not isinstance(value, list | tuple):
+            raise ValueError("expected a list of form names")
+        by_spelling = {_form_key(form): form for form in KNOWN_FORMS}
+        forms: list[str] = []
+        unknown = []
+        for raw in value:
+            key = _form_key(str(raw))
+            if key == _form_key(POST_PROCESS_ALIAS):
+                forms.extend(POST_PROCESSOR_FORMS)
+            elif key in by_spelling:
+                forms.append(by_spelling[key])
+            else:
+                unknown.append(raw)
         if unknown:
-            raise ValueError(f"unknown form(s) {unknown}; allowed: {', '.join(KNOWN_FORMS)}")
-        return value
+            allowed = ", ".join((*KNOWN_FORMS, POST_PROCESS_ALIAS))
+            raise ValueError(f"unknown form(s) {unknown}; allowed: {allowed}")
+        return list(dict.fromkeys(forms))
 
     @field_validator("horde_url")
     @classmethod
@@ -172,6 +206,10 @@ class BridgeConfig(BaseModel):
         if bad:
             raise ValueError(f"{bad} are not of the form alias#id")
         return value
+
+
+def _form_key(form: str) -> str:
+    return form.strip().lower().replace("-", "_")
 
 
 # ---- derived values: pure functions -------------------------------------------------------------------
@@ -225,6 +263,8 @@ class LoadedConfig:
     warnings: list[str] = field(default_factory=list)
     ignored_legacy_keys: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
+    # Keys of other workers' files turned into ours: key -> what it became.
+    mapped_keys: dict[str, str] = field(default_factory=dict)
 
 
 def env_var_for(key: str) -> str:
@@ -277,21 +317,58 @@ def build_config(
     warnings: list[str] = []
     ignored: dict[str, str] = {}
     merged: dict[str, Any] = {}
+    peer: dict[str, Any] = {}
     for raw_key, value in file_values.items():
         key = KEY_ALIASES.get(str(raw_key), str(raw_key))
         if key in BridgeConfig.model_fields:
             merged[key] = value
-        elif key in LEGACY_KEYS_WITHOUT_EFFECT:
-            ignored[key] = LEGACY_KEYS_WITHOUT_EFFECT[key]
+        elif key in MAPPED_KEYS:
+            peer[key] = value
+        elif key in LEGACY_KEYS_WITHOUT_EFFECT or key in PEER_KEYS_WITHOUT_EFFECT:
+            ignored[key] = LEGACY_KEYS_WITHOUT_EFFECT.get(key) or PEER_KEYS_WITHOUT_EFFECT[key]
         else:
             warnings.append(f"unknown key {raw_key!r} ignored (check its spelling)")
+    mapped = _map_peer_keys(peer, merged, warnings)
     merged.update(_from_environment(os.environ if environ is None else environ))
     merged.update(overrides or {})
     try:
         config = BridgeConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError([_format_error(e, merged) for e in err.errors()]) from None
-    return LoadedConfig(config, warnings + semantic_warnings(config), ignored, source)
+    return LoadedConfig(config, warnings + semantic_warnings(config), ignored, source, mapped)
+
+
+_TEMPLATE_LEAVE_FREE = "80%"  # both peers' template value, which reGen's 2026 line no longer reads
+
+
+def _map_peer_keys(peer: Mapping[str, Any], merged: dict[str, Any], warnings: list[str]) -> dict[str, str]:
+    """reGen keys that mean one of ours, written into `merged` (the file's own value of ours wins, unless it
+    is the template's untouched default beside a reserve the operator set); returns key -> what it became."""
+    mapped: dict[str, str] = {}
+    for reserve, ours in (("vram_reserve_mb", "vram_to_leave_free"), ("ram_reserve_mb", "ram_to_leave_free")):
+        if peer.get(reserve) is None:
+            continue
+        try:
+            megabytes = int(peer[reserve])
+        except (TypeError, ValueError):
+            raise ConfigError([f"{reserve}: {peer[reserve]!r} is not allowed: expected megabytes"]) from None
+        if str(merged.get(ours, _TEMPLATE_LEAVE_FREE)).strip() == _TEMPLATE_LEAVE_FREE:
+            merged[ours] = str(megabytes)
+            mapped[reserve] = f"{ours}: {megabytes} (MB)"
+        else:
+            mapped[reserve] = f"not used: {ours} is set ({merged[ours]!r}) and wins"
+            warnings.append(f"{reserve} and {ours} both set: {ours} ({merged[ours]!r}) is used")
+    if peer.get("alchemy_caption_enabled") is False:
+        forms = merged.get("forms")
+        if isinstance(forms, list) and any(_form_key(str(f)) == "caption" for f in forms):
+            merged["forms"] = [f for f in forms if _form_key(str(f)) != "caption"]
+        mapped["alchemy_caption_enabled"] = "false: caption is not served"
+    elif "alchemy_caption_enabled" in peer:
+        mapped["alchemy_caption_enabled"] = "caption is served when forms lists it"
+    if "model_stickiness" in peer:
+        why = PEER_KEYS_WITHOUT_EFFECT["horde_model_stickiness"]
+        mapped["model_stickiness"] = f"horde_model_stickiness: {why}"
+    return mapped
 
 
 def load_config(

@@ -1,7 +1,7 @@
 """run_worker.py --demo: the real daemon against a local horde, offline, on sample requests of every kind.
 
-1. Build (once) tiny random-weight models of every kind under `<cache_home>/tiny` — unless the operator's
-   real models are present, which are then used instead.
+1. Build (once) tiny random-weight models of every kind under `<cache_home>/tiny`. The demo always runs
+   these, never the operator's real models: it shows the machinery offline, not image quality.
 2. Start the local horde (`local_horde`) on loopback and post sample requests as a requester would.
 3. Run the real daemon (the same `build_worker` + `Daemon` as a live worker) until every request is done.
 4. Download the results into the output folder and print a table.

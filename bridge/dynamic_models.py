@@ -28,6 +28,7 @@ class DynamicModels:
         self.number = number
         self.interval_s = interval_s
         self.added: list[str] = []
+        self._said_unservable: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dynamic-models", daemon=True)
 
@@ -44,7 +45,8 @@ class DynamicModels:
         except HordeError as err:
             log.warning("dynamic_models: could not read the horde's model queue (%s)", err)
             return []
-        known = [r.name for r in self.reference.generation_models()]
+        known = [r.name for r in self.reference.servable_models()]
+        self._say_unservable(queue, known)
         added = []
         for name in dynamic_models(queue, self.manager.models, room, known=known):
             record = self.reference.get(name)
@@ -56,6 +58,21 @@ class DynamicModels:
                 added.append(name)
         self.added += added
         return added
+
+    def _say_unservable(self, queue: list, known: list[str]) -> None:
+        """Queued models of baselines this worker cannot run (Flux, Cascade): never chosen, said once each."""
+        servable = {name.lower() for name in known}
+        generation = {r.name.lower(): r for r in self.reference.generation_models()}
+        new = []
+        for entry in queue:
+            name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+            record = generation.get(name.lower())
+            if record is not None and name.lower() not in servable and name not in self._said_unservable:
+                self._said_unservable.add(name)
+                new.append(f"{name} ({record.baseline})")
+        if new:
+            log.info("dynamic_models: queued but of baselines this worker cannot run, never chosen: %s",
+                     ", ".join(new))
 
     def __enter__(self) -> DynamicModels:
         if self.number > 0:

@@ -121,7 +121,7 @@ _STOP_ADVICE: dict[str, str] = {
     "UserNotFound": "the api_key belongs to no horde user: check api_key in the config",
     "AnonForbiddenWorker": "the anonymous key 0000000000 cannot run a worker: "
     "register at https://aihorde.net/register and set api_key to your own key",
-    "WrongCredentials": "another user already owns a worker with this name: "
+    "WrongCredentials": "this worker name belongs to another account: "
     "worker names are unique horde-wide, set a different worker_name / dreamer_name / alchemist_name",
     "BadRequest": "the horde refused this worker's model list (all unknown or empty): "
     "set models_to_load to models listed in the horde model reference",

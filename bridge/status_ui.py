@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from bridge.stats import Stats
 
@@ -52,9 +53,12 @@ def render(stats: Stats, title: str):
     return table
 
 
-def live_status(stats: Stats, *, enabled: bool, title: str = "AI Horde worker") -> AbstractContextManager:
-    """A rich Live panel when enabled and stdout is a terminal; otherwise nothing."""
-    if not enabled or not sys.stdout.isatty():
+def live_status(
+    stats: Stats, *, enabled: bool, title: str = "AI Horde worker", console=None
+) -> AbstractContextManager:
+    """A rich Live panel when enabled and stdout is a terminal; otherwise nothing. While it shows, every
+    log line goes through the panel's console, printed above the panel: the two never interleave."""
+    if console is None and (not enabled or not sys.stdout.isatty()):
         return nullcontext()
     from rich.console import Console
     from rich.live import Live
@@ -63,4 +67,39 @@ def live_status(stats: Stats, *, enabled: bool, title: str = "AI Horde worker") 
         def __rich__(self):
             return render(stats, title)
 
-    return Live(_Renderable(), console=Console(), refresh_per_second=1, transient=True)
+    live = Live(_Renderable(), console=console or Console(), refresh_per_second=1, transient=True)
+    return _logs_above(live)
+
+
+@contextmanager
+def _logs_above(live) -> Iterator[None]:
+    """Point the terminal's log handlers at the panel's console while it is live (a StreamHandler keeps
+    the stream it was given, so Live's own stdout/stderr redirection would not reach it)."""
+    import logging
+
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)  # before Live swaps sys.stderr
+    with live:
+        moved = []
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and handler.stream in terminal:
+                moved.append((handler, handler.setStream(_ConsoleStream(live.console))))
+        try:
+            yield
+        finally:
+            for handler, stream in moved:
+                handler.setStream(stream)
+
+
+class _ConsoleStream:
+    """A file-like object that prints whole lines through a rich console (above a Live panel)."""
+
+    def __init__(self, console) -> None:
+        self._console = console
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self._console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

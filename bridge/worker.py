@@ -79,8 +79,10 @@ def load_reference(config: BridgeConfig, reference_files: Sequence[Path] = (), u
 
     extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE]
     extra += [Path(p) for p in config.custom_model_reference] + list(reference_files)
-    return ModelReference.load(cache_dir=Path(config.cache_home) / "reference", extra_files=extra,
-                               **({} if upstream else {"upstream": None}))
+    source: dict = {"upstream": None} if not upstream else {}
+    if upstream and config.model_reference:
+        source = {"upstream": config.model_reference}  # a mirror or a local copy, instead of the internet
+    return ModelReference.load(cache_dir=Path(config.cache_home) / "reference", extra_files=extra, **source)
 
 
 def plan_worker(config: BridgeConfig, *, has_gpu: bool, client: HordeClient | None = None,
@@ -94,7 +96,23 @@ def plan_worker(config: BridgeConfig, *, has_gpu: bool, client: HordeClient | No
                                      max_models=config.max_models_to_download)
         notes += [f"models: {warning}" for warning in resolved.warnings]
         models = list(resolved.names)
+        if config.only_models_on_disk:
+            models, absent = on_disk(config, reference, models)
+            if absent:
+                notes.append(f"only_models_on_disk: not serving {len(absent)} model(s) whose files are not "
+                             f"all on disk ({', '.join(absent)})")
     return WorkerPlan(dream, alchemy, reference, models, notes)
+
+
+def on_disk(config: BridgeConfig, reference, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(models whose files are present and verified, the others): only_models_on_disk downloads nothing."""
+    from models.downloads import is_ready, model_dir
+
+    present, absent = [], []
+    for name in names:
+        record = reference.get(name)
+        (present if is_ready(record, model_dir(Path(config.cache_home), record)) else absent).append(name)
+    return present, absent
 
 
 def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
@@ -104,11 +122,13 @@ def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
 
     wanted = list(plan.models)
     if plan.dreamer:
-        wanted.append(SAFETY_CHECKER)  # censoring
+        wanted.append(config.nsfw_model or SAFETY_CHECKER)  # censoring
         if config.allow_post_processing:
             wanted += list(POSTPROCESSORS)
     if plan.alchemist:
-        by_form = {"caption": CAPTION_LARGE, "interrogation": CLIP_L14, "nsfw": SAFETY_CHECKER}
+        by_form = {"caption": config.caption_model or CAPTION_LARGE,
+                   "interrogation": config.clip_model or CLIP_L14,
+                   "nsfw": config.nsfw_model or SAFETY_CHECKER}
         wanted += [by_form.get(form, form) for form in config.forms]
     if "CodeFormers" in wanted:
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
@@ -126,7 +146,8 @@ def download_weights(config: BridgeConfig, plan: WorkerPlan) -> dict[str, bool]:
     from models.downloads import Downloader
 
     ready = {}
-    outcomes = Downloader(Path(config.cache_home)).ensure_all(weight_records(config, plan))
+    downloader = Downloader(Path(config.cache_home), rate_limit_kbps=config.download_rate_limit_kbps)
+    outcomes = downloader.ensure_all(weight_records(config, plan))
     for name, outcome in outcomes.items():
         if not outcome.ok:
             log.error("%s is not ready: %s", name, outcome.reason)
@@ -153,7 +174,9 @@ def build_worker(
     cache = ModelCache(device, ram_budget_bytes=ram_budget(config.ram_to_leave_free),
                        vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
     weights = weights_dir or Path(config.cache_home)
-    names = dict(interrogator_models or {})
+    names = {key: value for key in ("caption_model", "clip_model", "nsfw_model")
+             if (value := getattr(config, key)) is not None}
+    names.update(interrogator_models or {})
     runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []
@@ -268,8 +291,9 @@ def follow_queue(worker: Worker, client: HordeClient, config: BridgeConfig):
     from bridge.dynamic_models import DynamicModels
     from models.downloads import Downloader
 
+    downloader = Downloader(Path(config.cache_home), rate_limit_kbps=config.download_rate_limit_kbps)
     return DynamicModels(client=client, manager=worker.runtime.models, reference=worker.reference,
-                         downloader=Downloader(Path(config.cache_home)), cache_home=Path(config.cache_home),
+                         downloader=downloader, cache_home=Path(config.cache_home),
                          number=config.number_of_dynamic_models)
 
 
@@ -292,6 +316,8 @@ def run_worker(config: BridgeConfig) -> int:
         log.error("nothing to serve: generation needs a GPU (or force_cpu_generation) and alchemy is off "
                   "(set alchemist: true and choose forms)")
         return 1
+    if not ready_to_start(config, plan):
+        return 1
     download_weights(config, plan)
     worker = build_worker(config, plan)
     try:
@@ -304,9 +330,36 @@ def run_worker(config: BridgeConfig) -> int:
     return serve(worker, client, config)
 
 
+def ready_to_start(config: BridgeConfig, plan: WorkerPlan) -> bool:
+    """The checks that stop a start with one clear line: a template worker name on the real horde, a
+    download plan the disk cannot hold. The plan is printed either way."""
+    from bridge.startup import download_plan, is_real_horde, template_name_problems
+
+    problems = template_name_problems(config, dreamer=plan.dreamer, alchemist=plan.alchemist)
+    if problems and is_real_horde(config):
+        for line in problems:
+            log.error("not starting: %s", line)
+        return False
+    downloads = download_plan(Path(config.cache_home), weight_records(config, plan))
+    for line in downloads.lines():
+        log.info("download plan: %s", line)
+    if (shortage := downloads.shortage()) is not None:
+        log.error("not starting: %s", shortage)
+        return False
+    return True
+
+
 def download_models(config: BridgeConfig) -> int:
     """--download-models: fetch and verify everything the configured families need, say what is ready."""
     plan = plan_worker(config, has_gpu=_has_gpu(), client=make_client(config))
+    from bridge.startup import download_plan
+
+    downloads = download_plan(Path(config.cache_home), weight_records(config, plan))
+    for line in downloads.lines():
+        log.info("download plan: %s", line)
+    if (shortage := downloads.shortage()) is not None:
+        log.error("%s", shortage)
+        return 1
     ready = download_weights(config, plan)
     for name, ok in ready.items():
         log.info("%s: %s", name, "ready" if ok else "NOT ready (see above)")

@@ -3,13 +3,16 @@
 The horde's own `blip.json` and `clip.json` name Salesforce's and OpenAI's original `.pth`/`.pt` files, which
 need the BLIP and OpenAI-CLIP code bases to load. This bridge loads transformers-format folders instead, so it
 ships its own small reference, `interrogators/reference.json`, in the horde's sibling-file shape (readable by
-`models.reference.parse_reference`): one record per Hugging Face repo with the files transformers needs and
-their `resolve/main` download URLs. `horde_name` says which horde entry each replaces. Each file's path is
+`models.reference.parse_reference`): one record per Hugging Face repo with the files transformers needs,
+pinned to one commit (`hf_revision`; the download URLs are `resolve/<commit>/...`). `horde_name` says which
+horde entry each replaces. Each file's path is
 `<name>/<file>` (download `file_path` = the name): the downloader puts a category's files in
 `<cache_home>/<category>/`, so the models land in `<cache_home>/<category>/<name>/`, the folder
-`model_dir` names and `build_interrogators(models_dir=cache_home)` reads. Only the safety
-checker's weight hash is known (the horde lists the same file); the others carry no sha256, so the downloader
-must verify them by other means (e.g. the hub's X-Linked-ETag, which is the LFS sha256) and keep a sidecar.
+`model_dir` names and `build_interrogators(models_dir=cache_home)` reads. Weight files carry the sha256 that
+public records establish (the safety checker's `pytorch_model.bin`, as the horde's own reference lists it;
+CLIP's `model.safetensors`, its LFS object id); the downloader verifies those and fetches a mismatching file
+again, and reuses a Hugging Face hub cache holding the pinned revision (models.downloads.hf_cached_file).
+BLIP's weights and the small JSON/text files carry none yet: their pinned URLs are immutable.
 
 Nothing here touches the network: files are fetched by the model manager's downloader, never at run time.
 """

@@ -181,6 +181,72 @@ def is_ready(record: ModelRecord, dest_dir: Path) -> bool:
     return all(_present(item) or (item.optional and not item.target.exists()) for item in items)
 
 
+def hf_hub_cache_dirs() -> list[Path]:
+    """Where huggingface_hub keeps downloads on this machine (HF_HUB_CACHE, HF_HOME/hub, ~/.cache)."""
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return list(dict.fromkeys(dirs))
+
+
+def hf_cached_file(record: ModelRecord, rel: str, cache_dirs: list[Path] | None = None) -> Path | None:
+    """The file of a revision-pinned Hugging Face record in an existing hub cache, when it is there
+    (`models--<org>--<name>/snapshots/<revision>/<file>`). `rel` is the record's path for it: the model's
+    folder name first, then the path inside the repository."""
+    revision = record.extra.get("hf_revision")
+    if not record.hf_path or not isinstance(revision, str):
+        return None
+    inside = PurePosixPath(*PurePosixPath(rel).parts[1:]) if len(PurePosixPath(rel).parts) > 1 else None
+    if inside is None:
+        return None
+    repo = "models--" + record.hf_path.replace("/", "--")
+    for root in cache_dirs if cache_dirs is not None else hf_hub_cache_dirs():
+        candidate = root / repo / "snapshots" / revision / inside
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_bytes(record: ModelRecord, dest_dir: Path) -> int | None:
+    """Bytes still to download for the record: 0 when ready, None when the reference gives no size."""
+    if is_ready(record, dest_dir):
+        return 0
+    if not record.size_on_disk_bytes:
+        return None
+    have = 0
+    try:
+        items = _plan(record, dest_dir)
+    except ValueError:
+        return None
+    for item in items:
+        for path in (item.target, item.target.with_name(item.target.name + PART_SUFFIX)):
+            if path.is_file():
+                have += path.stat().st_size
+    return max(0, record.size_on_disk_bytes - have)
+
+
+class _Throttle:
+    """download_rate_limit_kbps: one budget shared by every download thread (the cap is the aggregate)."""
+
+    def __init__(self, bytes_per_s: float, sleep: Callable[[float], None]) -> None:
+        self._rate = bytes_per_s
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def spend(self, size: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + size / self._rate
+            wait = self._next - now
+        if wait > 0:
+            self._sleep(wait)
+
+
 # ---- downloading ---------------------------------------------------------------------------------------
 @dataclass
 class DownloadOutcome:
@@ -229,6 +295,8 @@ class Downloader:
         sleep: Callable[[float], None] = time.sleep,
         disk_free: Callable[[Path], int] = _disk_free,
         timeout: float = 30.0,
+        rate_limit_kbps: int | None = None,
+        hf_cache_dirs: list[Path] | None = None,
     ) -> None:
         self._dest_root = Path(dest_root)
         self._session = session
@@ -242,6 +310,8 @@ class Downloader:
         self._timeout = timeout
         self._locks: dict[Path, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._throttle = _Throttle(rate_limit_kbps * 1000, sleep) if rate_limit_kbps else None
+        self._hf_cache_dirs = hf_cache_dirs
 
     def _http(self) -> requests.Session:
         if self._session is not None:
@@ -305,7 +375,7 @@ class Downloader:
         todo: list[_Item] = []
         for item in items:
             with self._file_lock(item.target):
-                if _present(item):
+                if _present(item) or self._reuse_hf_cache(record, item):
                     continue
                 if item.target.is_file():
                     actual = file_sha256(item.target)
@@ -329,6 +399,25 @@ class Downloader:
             elif not item.optional:
                 raise DownloadError(f"{item.target} is missing and the reference gives no download for it")
         return todo
+
+    def _reuse_hf_cache(self, record: ModelRecord, item: _Item) -> bool:
+        """Link the file from an existing Hugging Face hub cache instead of downloading it a second time;
+        only a file whose sha256 matches the pinned one (when the reference gives one) is used."""
+        if item.target.exists() or item.target.is_symlink():
+            return False
+        cached = hf_cached_file(record, item.rel, self._hf_cache_dirs)
+        if cached is None:
+            return False
+        digest = hash_file(cached)  # no sidecar inside someone else's cache
+        if item.sha256 is not None and digest != item.sha256:
+            logger.warning("model %r: %s in the Hugging Face cache has sha256 %s, not the pinned %s",
+                           record.name, cached, digest, item.sha256)
+            return False
+        item.target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(cached.resolve(), item.target)
+        write_sidecar(item.target, digest)
+        logger.info("model %r: %s used in place from the Hugging Face cache", record.name, cached)
+        return True
 
     def _check_space(self, record: ModelRecord, dest_dir: Path, todo: list[_Item]) -> None:
         if not todo or not record.size_on_disk_bytes:
@@ -462,6 +551,8 @@ class Downloader:
                     fh.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+                    if self._throttle is not None:
+                        self._throttle.spend(len(chunk))
         except (requests.RequestException, ConnectionError) as exc:
             # Only network errors are retried; disk errors (OSError) propagate.
             raise _Retryable(f"interrupted at {part.stat().st_size} bytes: {exc}") from exc

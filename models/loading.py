@@ -9,11 +9,14 @@ Everything loads into RAM in the policy's dtype; the cache moves it to the execu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
 import logging
 import pickle
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.device import DevicePolicy
+from models.twins import PICKLE_SUFFIXES, usable_twin, write_twin
 
 if TYPE_CHECKING:
     from models.reference import ModelRecord
@@ -85,24 +89,31 @@ def clip_tokenizer(tokenizer_dir: Path) -> Any:
 
 
 def load_ckpt_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A `.ckpt`'s tensors, unpickled with `weights_only=True` only: a pickle that carries code is refused."""
+    """A `.ckpt`'s tensors, read with the restricted unpickler (models/ckpt_pickle.py): Lightning training
+    checkpoints load, a pickle naming anything that could run code is refused before it is looked up."""
+    from models import ckpt_pickle
+
+    restricted = {"map_location": "cpu", "weights_only": False, "pickle_module": ckpt_pickle}
     try:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            loaded = torch.load(path, mmap=True, **restricted)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip pickle format
-    except pickle.UnpicklingError as exc:
+            # The pre-zip (legacy) format cannot be memory-mapped.
+            loaded = torch.load(path, **restricted)
+    except ckpt_pickle.ForbiddenGlobal as exc:
         raise UnsafeCheckpointError(
-            f"{path.name} is not a plain tensor checkpoint and was refused (it would run code when "
-            f"unpickled; convert it to .safetensors): {str(exc).splitlines()[0]}"
+            f"{path.name} was refused: its pickle names {exc.global_name}, which a checkpoint never needs "
+            "(unpickling it could run code); nothing in it was run"
         ) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path.name} is not a readable checkpoint: {str(exc).splitlines()[0]}") from exc
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise ModelLoadError(f"{path.name} holds a {type(loaded).__name__}, not a state dict")
-    return loaded
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,8 @@ class LoadPlan:
     shipped_config: bool  # True when config_dir is one of models/configs/
     family: str | None  # the shipped family chosen (single files)
     parameters: int | None  # weights to load, when known before loading
+    # A pickled checkpoint (.ckpt) read through its .safetensors twin: the file the reference names.
+    source: Path | None = None
 
     def estimated_bytes(self, dtype: torch.dtype) -> int | None:
         """RAM the loaded pipeline will take, to make room before loading."""
@@ -248,14 +261,30 @@ def plan_load(record: ModelRecord, files_dir: Path) -> LoadPlan:
     checkpoint = next((p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES), None)
     if checkpoint is None:
         raise ModelLoadError(f"model {record.name!r}: no checkpoint or diffusers folder among its files")
-    path = files_dir / checkpoint
+    path, source = files_dir / checkpoint, None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        twin = usable_twin(path, checkpoint_sha256(record, path))
+        if twin is not None:
+            path, source = twin, path
     info = read_checkpoint_info(path)
     family = select_family(record, info)
     if own_config:
         config_dir, shipped = files_dir / str(own_config), False
     else:
         config_dir, shipped = CONFIGS_DIR / family, True
-    return LoadPlan(record.name, "single_file", path, config_dir, shipped, family, info.parameters or None)
+    return LoadPlan(
+        record.name, "single_file", path, config_dir, shipped, family, info.parameters or None, source
+    )
+
+
+def checkpoint_sha256(record: ModelRecord, path: Path) -> str:
+    """The sha256 the reference gives for the checkpoint, else the file's own (cached in its sidecar)."""
+    for spec in record.files:
+        if spec.sha256sum and PurePosixPath(spec.path).name == path.name:
+            return spec.sha256sum
+    from models.downloads import file_sha256
+
+    return file_sha256(path)
 
 
 # --- loading --------------------------------------------------------------------------------------------
@@ -313,11 +342,10 @@ def load_pipeline(
 ) -> Any:
     """The record's DiffusionPipeline in RAM, in the policy's dtype, loaded without any hub access."""
     plan = plan or plan_load(record, files_dir)
+    state: dict[str, torch.Tensor] | None = None
     if plan.kind == "folder":
         pipe = _load_folder(plan.path, device.dtype)
     else:
-        if plan.path.suffix.lower() != ".safetensors":
-            load_ckpt_state_dict(plan.path)  # refuse a code-carrying pickle before diffusers touches it
         assert plan.config_dir is not None
         cls = _pipeline_class(plan.config_dir)
         logger.info(
@@ -327,18 +355,54 @@ def load_pipeline(
             cls.__name__,
             plan.config_dir.name,
         )
-        pipe = _from_single_file(cls)(
-            str(plan.path),
-            config=str(plan.config_dir),
-            local_files_only=True,
-            dtype=device.dtype,
-            **_single_file_components(plan, depth_estimator_dir, device.dtype),
-        )
+        if plan.path.suffix.lower() != ".safetensors":
+            # Unpickled here, restricted; diffusers only ever sees the tensors.
+            state = load_ckpt_state_dict(plan.path)
+        with _checkpoint_source(plan.path, state):
+            pipe = _from_single_file(cls)(
+                str(plan.path),
+                config=str(plan.config_dir),
+                local_files_only=True,
+                dtype=device.dtype,
+                **_single_file_components(plan, depth_estimator_dir, device.dtype),
+            )
     _check_complete(pipe, record.name)
+    if state is not None:
+        write_twin(plan.path, state, checkpoint_sha256(record, plan.path), _WEIGHT_PREFIXES)
+        del state
     # A worker's log is no place for per-step progress bars.
     pipe.set_progress_bar_config(disable=True)
     _prefault(pipe)
     return pipe
+
+
+_checkpoint_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _checkpoint_source(path: Path, state: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Let diffusers' single-file loader take `state` for `path` instead of reading the file itself (its own
+    reader would unpickle a .ckpt with weights_only=True, which refuses Lightning checkpoints)."""
+    if state is None:
+        yield
+        return
+    import diffusers.loaders.single_file as single_file
+
+    original = getattr(single_file, "load_single_file_checkpoint", None)
+    if original is None:
+        raise ModelLoadError("this diffusers version has no single-file checkpoint loader to hand tensors to")
+
+    def load_single_file_checkpoint(link_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(link_or_path) == str(path):
+            return state
+        return original(link_or_path, *args, **kwargs)
+
+    with _checkpoint_lock:
+        single_file.load_single_file_checkpoint = load_single_file_checkpoint
+        try:
+            yield
+        finally:
+            single_file.load_single_file_checkpoint = original
 
 
 def _check_complete(pipe: Any, name: str) -> None:

@@ -21,15 +21,14 @@ from models.cache import ModelCache
 from models.device import DevicePolicy
 from models.downloads import is_ready, model_dir
 from models.loading import LoadPlan, ModelLoadError, load_pipeline, plan_load
-from models.reference import GENERATION_CATEGORIES, ModelRecord, ModelReference
+from models.reference import GENERATION_CATEGORIES, SERVABLE_BASELINES, ModelRecord, ModelReference
 
 if TYPE_CHECKING:
     from models.downloads import Downloader
 
 logger = logging.getLogger(__name__)
 
-# Baselines this worker's loaders can build; others (stable_cascade, flux_1, ...) are never advertised.
-SUPPORTED_BASELINES = frozenset({"stable diffusion 1", "stable diffusion 2", "stable_diffusion_xl", ""})
+SUPPORTED_BASELINES = SERVABLE_BASELINES  # the one list lives in models/reference.py
 
 
 class ModelNotReadyError(KeyError):

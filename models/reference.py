@@ -47,6 +47,14 @@ GENERATION_CATEGORIES: frozenset[str] = frozenset({"stable_diffusion", "diffuser
 BASELINE_SD15 = "stable diffusion 1"
 BASELINE_SD21 = "stable diffusion 2"
 BASELINE_SDXL = "stable_diffusion_xl"
+# Baselines this worker's loaders can build ("" is an operator's record without one: SD 1.x). Others
+# (flux_1, stable_cascade, ...) are never chosen by meta entries or dynamic_models, nor advertised.
+SERVABLE_BASELINES = frozenset({BASELINE_SD15, BASELINE_SD21, BASELINE_SDXL, ""})
+
+
+def is_servable(record: ModelRecord) -> bool:
+    """A generation model whose baseline this worker can run."""
+    return record.category in GENERATION_CATEGORIES and (record.baseline or "").lower() in SERVABLE_BASELINES
 
 # Keys mapped onto ModelRecord fields; everything else in an entry lands in `extra`.
 _KNOWN_KEYS = frozenset(
@@ -248,6 +256,19 @@ def _short(exc: Exception) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
+def _local_source(upstream: str | None) -> str | None:
+    """`upstream` when it names files on this machine (a folder, `file://`, or a path pattern)."""
+    if upstream is None or re.match(r"^https?://", upstream, re.IGNORECASE):
+        return None
+    return upstream.removeprefix("file://")
+
+
+def _local_file(source: str, file: str) -> Path:
+    if "{file}" in source:
+        return Path(source.format(file=file)).expanduser()
+    return Path(source).expanduser() / f"{file}.json"
+
+
 def _upstream_url(upstream: str, file: str) -> str:
     if "{file}" in upstream:
         return upstream.format(file=file)
@@ -274,6 +295,7 @@ class ModelReference:
     def __init__(self, records: Mapping[str, ModelRecord]) -> None:
         self._records: dict[str, ModelRecord] = dict(records)
         self._by_lower: dict[str, str] = {name.lower(): name for name in self._records}
+        self._passed_over: dict[str, ModelRecord] = {}
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -310,11 +332,21 @@ class ModelReference:
     def _fetch_all(
         cls, cache_dir: Path, upstream: str | None, http: requests.Session | None, timeout: float
     ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each file from upstream (a URL, or a local folder / URL pattern of `model_reference`), else the
+        cached copy, else the shipped snapshot. An unreachable source costs one log line, not one per file."""
         unreachable: Exception | None = None
+        fallbacks: dict[str, list[str]] = {}
+        local = _local_source(upstream)
         for file in REFERENCE_FILES:
             cached = cache_dir / f"{file}.json"
             failure: Exception | None = unreachable
-            if upstream is not None and http is not None and unreachable is None:
+            if local is not None:
+                data = cls._read_cache(_local_file(local, file))
+                if data is not None:
+                    yield file, data
+                    continue
+                unreachable = failure = FileNotFoundError(f"no {file}.json in {local}")
+            elif upstream is not None and http is not None and unreachable is None:
                 try:
                     yield file, cls._fetch(http, _upstream_url(upstream, file), cached, timeout)
                     continue
@@ -330,13 +362,18 @@ class ModelReference:
             else:
                 age_h = (time.time() - cached.stat().st_mtime) / 3600
                 used = f"the cached copy ({age_h:.1f} h old)"
-            first_or_odd = file == REFERENCE_FILES[0] or not used.startswith("the cached copy")
-            if failure is not None and (failure is not unreachable or first_or_odd):
-                # Offline: one line for the files served from the cache, one for each other fallback.
-                logger.warning("model reference %s.json: upstream unreachable (%s); using %s",
+            if failure is not None and failure is unreachable:
+                fallbacks.setdefault(used, []).append(f"{file}.json")
+            elif failure is not None:
+                logger.warning("model reference %s.json: upstream reply unusable (%s); using %s",
                                file, _short(failure), used)
             if data is not None:
                 yield file, data
+        if fallbacks and unreachable is not None:
+            where = local if local is not None else upstream
+            parts = "; ".join(f"{used} for {', '.join(files)}" for used, files in fallbacks.items())
+            logger.warning("model reference: %s unreachable (%s); using %s", where, _short(unreachable),
+                           parts)
 
     @staticmethod
     def _fetch(http: requests.Session, url: str, cached: Path, timeout: float) -> dict[str, Any]:
@@ -391,6 +428,10 @@ class ModelReference:
         """Records a worker can advertise in `generate/pop` (checkpoints and diffusers)."""
         return [r for r in self._records.values() if r.category in GENERATION_CATEGORIES]
 
+    def servable_models(self) -> list[ModelRecord]:
+        """Generation models of the baselines this worker runs."""
+        return [r for r in self._records.values() if is_servable(r)]
+
     def canonical(self, name: str) -> str | None:
         """The canonical spelling of `name` (exact first, then case-insensitive), or None."""
         if name in self._records:
@@ -427,6 +468,7 @@ class ModelReference:
         """Expand meta entries and names into canonical generation model names, minus the skip list."""
         warnings: list[str] = []
         stats_cache: list[dict] = []
+        self._passed_over: dict[str, ModelRecord] = {}
 
         def stats() -> dict | None:
             if not stats_cache:
@@ -440,8 +482,18 @@ class ModelReference:
             return stats_cache[0]
 
         wanted = self._expand_all(models_to_load, stats, warnings, "models_to_load")
+        passed_over = dict(self._passed_over)
         skipped = set(self._expand_all(models_to_skip, stats, warnings, "models_to_skip"))
+        skipped |= {c for c in (self.canonical(str(e)) for e in models_to_skip) if c is not None}
         names = [n for n in dict.fromkeys(wanted) if n not in skipped]
+        passed = [r for name, r in passed_over.items() if name not in skipped]
+        if passed:
+            by_baseline: dict[str, list[str]] = {}
+            for record in passed:
+                by_baseline.setdefault(str(record.baseline), []).append(record.name)
+            listed = "; ".join(f"{b}: {', '.join(sorted(n))}" for b, n in sorted(by_baseline.items()))
+            count = len(passed)
+            warnings.append(f"passed over {count} model(s) of baselines this worker cannot run ({listed})")
         if max_models is not None and len(names) > max_models:
             warnings.append(f"{len(names)} models resolved; keeping the first {max_models} (max_models)")
             names = names[:max_models]
@@ -473,12 +525,16 @@ class ModelReference:
                     "not a generation model"
                 )
                 return []
+            if not is_servable(self._records[canonical]):
+                self._passed_over[canonical] = self._records[canonical]
+                return []
             return [canonical]
         generation = self.generation_models()
         top = _TOP_RE.match(entry)
         if top:
             month = self._monthly_counts(stats(), warnings, entry)
-            return self._ranked(generation, month, int(top.group(2)), top=top.group(1).lower() == "top")
+            ranked = self._ranked(generation, month, len(generation), top=top.group(1).lower() == "top")
+            return self._first_servable(ranked, int(top.group(2)))
         meta = _ALL_RE.match(entry)
         if meta is None:
             return None
@@ -486,7 +542,19 @@ class ModelReference:
         predicate = self._selector(selector)
         if predicate is None:
             return None
-        return [r.name for r in generation if predicate(r)]
+        return self._first_servable([r.name for r in generation if predicate(r)], len(generation))
+
+    def _first_servable(self, names: list[str], n: int) -> list[str]:
+        """The first `n` servable names; the others met on the way are noted (said once by resolve)."""
+        chosen: list[str] = []
+        for name in names:
+            if len(chosen) >= n:
+                break
+            if is_servable(self._records[name]):
+                chosen.append(name)
+            else:
+                self._passed_over[name] = self._records[name]
+        return chosen
 
     def _selector(self, selector: str) -> Callable[[ModelRecord], bool] | None:
         fixed: dict[str, Callable[[ModelRecord], bool]] = {

@@ -185,7 +185,7 @@ def _depth_estimator() -> tuple[Any, Any]:
 
 
 def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
-    """A tiny random-weight pipeline: kind is "sd1", "inpainting", "depth" or "sdxl"."""
+    """A tiny random-weight pipeline: kind is "sd1", "sd2", "inpainting", "depth" or "sdxl"."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -219,7 +219,7 @@ def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
         else diffusers.StableDiffusionPipeline
     )
     return cls(
-        unet=_unet(9 if kind == "inpainting" else 4),
+        unet=_unet(9 if kind == "inpainting" else 4, sd2=kind == "sd2"),
         scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,

@@ -13,6 +13,8 @@ from pydantic import ValidationError
 
 from bridge.config import (
     ANONYMOUS_API_KEY,
+    KEY_ALIASES,
+    POST_PROCESSOR_FORMS,
     BridgeConfig,
     ConfigError,
     api_base,
@@ -193,10 +195,14 @@ def _run_cli(*args: str, env_key: str | None = None) -> subprocess.CompletedProc
     )
 
 
-def test_check_config_on_committed_file_exits_zero_and_masks_the_key():
+def test_check_config_on_committed_file_masks_the_key_and_names_the_template_names():
     result = _run_cli("--check-config", "--set", "cache_home=/nonexistent-cache", env_key=SECRET)
-    assert result.returncode == 0, result.stderr
-    assert "# resolved models_to_load" in result.stdout
+    # The committed names are the template's: a start against the real horde would stop, and says why.
+    assert result.returncode == 1, result.stderr
+    assert "the worker would not start: alchemist_name is 'An Awesome Alchemist', the template's default" in (
+        result.stdout
+    )
+    assert "# resolved models_to_load" in result.stdout and "# download plan" in result.stdout
     assert "keys accepted but not acted on yet" in result.stdout
     assert SECRET not in result.stdout + result.stderr
     assert "***22 chars***" in result.stdout
@@ -209,3 +215,72 @@ def test_check_config_with_bad_value_exits_nonzero_with_one_line(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "max_threads" in lines[0]
+
+
+# ---- the peers' files ----------------------------------------------------------------------------------
+DATA = Path(__file__).parent / "data"
+
+
+PEER_FILES = ["legacy_bridgeData.yaml", "regen_bridgeData.yaml", "regen2026_bridgeData.yaml"]
+
+
+@pytest.mark.parametrize("name", PEER_FILES)
+def test_peer_files_load_with_no_error_and_no_unknown_key(name):
+    loaded = load_config(DATA / name, environ={})
+    assert not [w for w in loaded.warnings if "unknown key" in w]
+    file_keys = set(yaml.safe_load((DATA / name).read_text()))
+    known = set(BridgeConfig.model_fields) | set(KEY_ALIASES) | set(loaded.ignored_legacy_keys)
+    assert file_keys <= known | set(loaded.mapped_keys)
+    # post-process becomes every post-processor form served here, never a form name of its own.
+    assert "post-process" not in loaded.config.forms and "post_process" not in loaded.config.forms
+    assert set(POST_PROCESSOR_FORMS) <= set(loaded.config.forms)
+
+
+def test_regen_2026_keys_that_mean_ours_are_honoured():
+    loaded = load_config(DATA / "regen2026_bridgeData.yaml", environ={})
+    config = loaded.config
+    # The reserves (MB) replace the template's untouched "80%".
+    assert (config.vram_to_leave_free, config.ram_to_leave_free) == ("2048", "4096")
+    assert config.forms[:2] == ["nsfw", "interrogation"]  # alchemy_caption_enabled: false drops caption
+    assert config.only_models_on_disk and config.download_rate_limit_kbps == 5000
+    assert config.gpu_device_indices == [1] and config.dreamer is True and config.alchemist is True
+    assert set(loaded.mapped_keys) == {"vram_reserve_mb", "ram_reserve_mb", "alchemy_caption_enabled",
+                                       "model_stickiness"}
+    assert "extra_model_directories" in loaded.ignored_legacy_keys
+    # An explicit leave-free value of ours wins over a reserve, and says so.
+    both = build_config({"ram_reserve_mb": 4096, "ram_to_leave_free": "50%"}, environ={})
+    assert both.config.ram_to_leave_free == "50%" and any("ram_reserve_mb" in w for w in both.warnings)
+
+
+def test_post_process_and_spellings_of_forms():
+    config = build_config({"forms": ["Caption", "post_process", "gfpgan", "NSFW"]}, environ={}).config
+    assert config.forms == ["caption", *POST_PROCESSOR_FORMS, "nsfw"]
+    with pytest.raises(ConfigError, match="unknown form"):
+        build_config({"forms": ["post-processing"]}, environ={})
+
+
+def test_post_processor_forms_are_the_post_processors_served():
+    from postprocessors import ORDER
+
+    assert set(POST_PROCESSOR_FORMS) == set(ORDER)
+
+
+def test_gpu_indices_pick_the_visible_gpu():
+    from bridge.startup import apply_gpu_indices
+
+    config = build_config({"gpu_device_indices": [2, 3]}, environ={}).config
+    env: dict[str, str] = {}
+    assert apply_gpu_indices(config, env) == "2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert apply_gpu_indices(config, {"CUDA_VISIBLE_DEVICES": "0"}) is None  # the operator's choice wins
+
+
+def test_template_names_stop_only_against_the_real_horde():
+    from bridge.startup import is_real_horde, template_name_problems
+
+    default = build_config({}, environ={}).config
+    assert len(template_name_problems(default, dreamer=True, alchemist=True)) == 2
+    assert is_real_horde(default) and is_real_horde(build_config({"horde_url": "https://aihorde.net/api/"},
+                                                                 environ={}).config)
+    assert not is_real_horde(build_config({"horde_url": "http://127.0.0.1:7001"}, environ={}).config)
+    own = build_config({"worker_name": "Mine", "alchemist_name": "Mine too"}, environ={}).config
+    assert template_name_problems(own, dreamer=True, alchemist=True) == []

@@ -110,7 +110,7 @@ def test_stop_errors_tell_the_operator_what_to_change() -> None:
     assert "api_key" in anon.message and "register" in anon.message
     assert "Anonymous user is forbidden" in anon.message  # the server's own words are kept
     name = classify(403, rc("WrongCredentials"), endpoint="generate/pop")
-    assert "worker_name" in name.message
+    assert "worker_name" in name.message and "belongs to another account" in name.message
     models = classify(400, rc("BadRequest", "unrecognised models"), endpoint="generate/pop")
     assert "models_to_load" in models.message
     assert (

@@ -66,3 +66,44 @@ def test_weights_land_where_the_processors_and_interrogators_read_them(tmp_path)
     blip = records["blip-image-captioning-large"]
     folder = interrogator_dir(tmp_path, "blip", "blip-image-captioning-large")
     assert folder / "config.json" in {model_dir(tmp_path, blip) / f.path for f in blip.files}
+
+
+def test_download_plan_names_each_model_and_stops_when_the_disk_lacks_room(tmp_path):
+    from bridge.startup import download_plan
+
+    config = build_config({"cache_home": str(tmp_path), "dreamer": True, "force_cpu_generation": True,
+                           "alchemist": False, "allow_post_processing": False,
+                           "models_to_load": ["Deliberate", "stable_diffusion"]}, environ={}).config
+    reference = load_reference(config, upstream=False)
+    plan = plan_worker(config, has_gpu=False, reference=reference)
+    records = weight_records(config, plan)
+    roomy = download_plan(tmp_path, records, disk_free=lambda _: 10**12)
+    sizes = dict(roomy.items)
+    assert sizes["Deliberate"] == reference.get("Deliberate").size_on_disk_bytes > 10**9
+    assert roomy.shortage() is None and roomy.lines()[-2].startswith("total: ")
+    full = download_plan(tmp_path, records, disk_free=lambda _: 10**9)
+    assert "not enough disk space for the download plan" in full.shortage()
+
+
+def test_only_models_on_disk_serves_what_is_there_and_downloads_nothing(tmp_path):
+    from models.tiny import build_tiny_models
+
+    tiny = build_tiny_models(tmp_path / "tiny")
+    config = build_config({"cache_home": str(tmp_path), "dreamer": True, "force_cpu_generation": True,
+                           "only_models_on_disk": True, "models_to_load": ["tiny-sd1", "Deliberate"]},
+                          environ={}).config
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, [tiny], upstream=False))
+    assert plan.models == ["tiny-sd1"]
+    assert any("only_models_on_disk" in note and "Deliberate" in note for note in plan.notes)
+
+
+def test_a_template_worker_name_stops_a_start_against_the_real_horde(tmp_path, caplog):
+    from bridge.worker import ready_to_start
+
+    settings = {"cache_home": str(tmp_path), "alchemist": True, "forms": ["nsfw"]}
+    config = build_config(settings, environ={}).config
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, upstream=False))
+    assert not ready_to_start(config, plan)
+    assert "not starting: alchemist_name is 'An Awesome Alchemist'" in caplog.text
+    local = config.model_copy(update={"horde_url": "http://127.0.0.1:9"})
+    assert ready_to_start(local, plan)  # a local horde: any name will do

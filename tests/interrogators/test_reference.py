@@ -32,8 +32,9 @@ def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None
         assert {f"{name}/config.json"} <= files
         assert files & {f"{name}/model.safetensors", f"{name}/pytorch_model.bin"}
         repo = raw[name]["hf_path"]
+        revision = raw[name].get("hf_revision", "main")  # pinned: a commit of the repository
         assert all(
-            d.file_url == f"https://huggingface.co/{repo}/resolve/main/{d.file_name}"
+            d.file_url == f"https://huggingface.co/{repo}/resolve/{revision}/{d.file_name}"
             for d in downloads.values()
         )
     assert records[CLIP_L14].category == "clip" and records[SAFETY_CHECKER].category == "safety_checker"

@@ -14,3 +14,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference json of single files in the layouts of real downloads (models.tiny_checkpoints):
+    training-sd1, legacy-sd1, civitai-fp16, civitai-fp16-ema, sd2-768-v, inpainting-sd1, sdxl-single."""
+    from models.tiny_checkpoints import build_checkpoint_fixtures
+
+    return build_checkpoint_fixtures(tmp_path_factory.mktemp("checkpoint-fixtures"))

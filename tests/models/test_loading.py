@@ -278,3 +278,79 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
 def test_record_without_weights_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no checkpoint"):
         plan_load(ModelRecord(name="yaml-only", files=[{"path": "v1-inference.yaml"}]), tmp_path)
+
+
+# --- checkpoints in the layouts found in the wild (models/tiny_checkpoints.py) -------------------------
+
+
+@pytest.fixture(scope="module")
+def wild_ref(checkpoint_fixtures, tmp_path_factory):
+    # A private copy: loading writes twins beside the checkpoints.
+    folder = tmp_path_factory.mktemp("wild")
+    shutil.copytree(checkpoint_fixtures.parent, folder, dirs_exist_ok=True)
+    return ModelReference.load(
+        cache_dir=folder / "ref-cache", upstream=None, extra_files=[folder / checkpoint_fixtures.name]
+    )
+
+
+WILD = {
+    # name: (file the reference names, family, pipeline class, prediction type, UNet input channels)
+    "training-sd1": ("sd-v1-4.ckpt", "sd1", "StableDiffusionPipeline", "epsilon", 4),
+    "legacy-sd1": ("legacy-sd1.ckpt", "sd1", "StableDiffusionPipeline", "epsilon", 4),
+    "sd2-768-v": ("768-v-ema.ckpt", "sd2-v", "StableDiffusionPipeline", "v_prediction", 4),
+    "inpainting-sd1": (
+        "sd-v1-5-inpainting.ckpt", "sd1-inpainting", "StableDiffusionInpaintPipeline", "epsilon", 9
+    ),
+    "civitai-fp16": ("civitai-fp16.safetensors", "sd1", "StableDiffusionPipeline", "epsilon", 4),
+    "civitai-fp16-ema": ("civitai-fp16-ema.safetensors", "sd1", "StableDiffusionPipeline", "epsilon", 4),
+    "sdxl-single": ("sd_xl_base_1.0.safetensors", "sdxl", "StableDiffusionXLPipeline", "epsilon", 4),
+}
+
+
+@pytest.mark.parametrize("name", list(WILD))
+def test_checkpoints_from_the_wild_load_into_the_right_pipeline(wild_ref, name):
+    file, family, cls, prediction, channels = WILD[name]
+    record = wild_ref.get(name)
+    plan = plan_load(record, record.base_dir)
+    assert plan.path.name == file and plan.source is None  # the file the reference names and hashes
+    assert plan.family == family
+    pipe = load_pipeline(record, record.base_dir, CPU, plan=plan)
+    assert type(pipe).__name__ == cls
+    assert pipe.scheduler.config.prediction_type == prediction
+    assert pipe.unet.config.in_channels == channels and pipe.unet.dtype == torch.float32
+    # Weights a pipeline uses only: EMA copies and schedule buffers are not counted.
+    modules = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    assert plan.parameters == sum(p.numel() for m in modules for p in getattr(pipe, m).parameters())
+
+
+def test_first_verified_load_keeps_a_safetensors_twin_used_by_later_loads(wild_ref, monkeypatch):
+    import models.loading as loading
+
+    record = wild_ref.get("training-sd1")
+    ckpt = record.base_dir / "sd-v1-4.ckpt"
+    first = load_pipeline(record, record.base_dir, CPU)
+    twin = ckpt.with_name(ckpt.name + ".twin.safetensors")
+    assert twin.is_file() and twin.stat().st_size < ckpt.stat().st_size  # no EMA copies, no buffers
+    plan = plan_load(record, record.base_dir)
+    assert plan.path == twin and plan.source == ckpt
+
+    def no_unpickling(path):
+        raise AssertionError(f"{path} was unpickled")
+
+    monkeypatch.setattr(loading, "load_ckpt_state_dict", no_unpickling)
+    again = load_pipeline(record, record.base_dir, CPU, plan=plan)
+    for name in ("unet", "vae", "text_encoder"):
+        got, want = getattr(again, name).state_dict(), getattr(first, name).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_a_twin_of_another_file_is_not_used(wild_ref):
+    from models.twins import write_twin
+
+    record = wild_ref.get("legacy-sd1")
+    ckpt = record.base_dir / "legacy-sd1.ckpt"
+    write_twin(ckpt, {"model.diffusion_model.x": torch.zeros(2)}, "0" * 64, ("model.",))
+    plan = plan_load(record, record.base_dir)
+    assert plan.path == ckpt and plan.source is None  # stale twin: the .ckpt is read again
+    load_pipeline(record, record.base_dir, CPU, plan=plan)
+    assert plan_load(record, record.base_dir).source == ckpt  # and the twin is rewritten

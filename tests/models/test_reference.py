@@ -408,3 +408,75 @@ def test_record_is_the_interface_shape() -> None:
     record = ModelRecord(name="m")
     assert (record.files, record.downloads, record.hf_path, record.requirements) == ([], [], None, {})
     assert record.features_not_supported == [] and record.inpainting is False
+
+
+# ---- only servable baselines are chosen -------------------------------------------------------------------
+def _snapshot() -> ModelReference:
+    from models.reference import SNAPSHOT_DIR
+
+    return ModelReference.load(cache_dir=SNAPSHOT_DIR, upstream=None)
+
+
+def test_meta_entries_never_choose_a_baseline_this_worker_cannot_run() -> None:
+    reference = _snapshot()
+    unservable = [r for r in reference.generation_models() if r.baseline in ("flux_1", "stable_cascade")]
+    assert len(unservable) == 2  # the June 2026 reference: one Flux, one Cascade
+    servable = [r.name for r in reference.servable_models()]
+    # The most used models of the month are Flux and Cascade: TOP 3 still gives three servable models.
+    stats = {"month": {unservable[0].name: 900, unservable[1].name: 800, servable[5]: 700, servable[7]: 600,
+                       servable[9]: 500}}
+    top = reference.resolve(["TOP 3"], [], model_stats=lambda: stats)
+    assert top.names == [servable[5], servable[7], servable[9]]
+    (said,) = top.warnings  # once, naming both baselines
+    assert "passed over 2 model(s)" in said and "flux_1" in said and "stable_cascade" in said
+    every = reference.resolve(["ALL", "ALL SFW", "ALL NSFW"], [])
+    assert set(every.names) == set(servable) and len(every.warnings) == 1
+    named = reference.resolve([unservable[0].name, "stable_diffusion"], [])
+    assert named.names == ["stable_diffusion"] and unservable[0].baseline in named.warnings[0]
+    skipped = reference.resolve(["ALL"], [r.name for r in unservable])
+    assert not skipped.warnings  # the operator skipped them: nothing to say
+
+
+def test_dynamic_models_only_follow_servable_queues(caplog: pytest.LogCaptureFixture) -> None:
+    from bridge.dynamic_models import DynamicModels
+
+    reference = _snapshot()
+    flux = next(r.name for r in reference.generation_models() if r.baseline == "flux_1")
+    queue = [{"name": flux, "queued": 9e9, "jobs": 50}, {"name": "Deliberate", "queued": 10, "jobs": 1}]
+    known = [r.name for r in reference.servable_models()]
+    assert dynamic_models(queue, [], 1, known=known) == ["Deliberate"]
+
+    class Manager:
+        models: list[str] = []
+
+    class Client:
+        def model_status(self):
+            return queue
+
+    class Downloader:
+        def ensure(self, record, dest):
+            from models.downloads import DownloadOutcome
+
+            return DownloadOutcome(record.name, False, "offline test")
+
+    follower = DynamicModels(client=Client(), manager=Manager(), reference=reference, downloader=Downloader(),
+                             cache_home=Path("/nonexistent"), number=1)
+    with caplog.at_level(logging.INFO, logger="bridge.dynamic_models"):
+        follower.refresh_once()
+        follower.refresh_once()
+    said = [r.message for r in caplog.records if flux in r.message]
+    assert len(said) == 1 and "cannot run" in said[0]
+
+
+def test_model_reference_from_a_local_folder_instead_of_the_internet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(SUBSET, mirror / "stable_diffusion.json")
+    with caplog.at_level(logging.WARNING, logger="models.reference"):
+        reference = ModelReference.load(cache_dir=tmp_path / "cache", upstream=str(mirror))
+    assert "Yiffy" in reference and "Deliberate" in reference
+    # The files the folder lacks come from the shipped snapshot, said in one line.
+    (line,) = [r.message for r in caplog.records]
+    assert "unreachable" in line and "snapshot" in line and "esrgan.json" in line
