@@ -266,6 +266,16 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def published_sha256(response: requests.Response) -> str | None:
+    """The sha256 a Hugging Face server publishes for a large (LFS) file: its `X-Linked-Etag`, sent on the
+    redirect to the CDN (or on the answer itself). Small files carry a git sha1 there, which is not used."""
+    for answer in [*response.history, response]:
+        etag = answer.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return etag
+    return None
+
+
 def _disk_free(path: Path) -> int:
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -448,7 +458,7 @@ class Downloader:
             item.target.parent.mkdir(parents=True, exist_ok=True)
             for attempt in range(self._retry_attempts + 1):
                 try:
-                    digest = self._fetch_once(record, item)
+                    digest, published = self._fetch_once(record, item)
                     break
                 except _Retryable as exc:
                     if attempt == self._retry_attempts:
@@ -467,24 +477,28 @@ class Downloader:
                         delay,
                     )
                     self._sleep(delay)
-            self._finish(record, item, digest)
+            self._finish(record, item, digest, published)
         return item.target
 
-    def _finish(self, record: ModelRecord, item: _Item, digest: str) -> None:
+    def _finish(self, record: ModelRecord, item: _Item, digest: str, published: str | None) -> None:
+        """Check the download against the reference's sha256 or, where the reference has none, the one the
+        hub published for the file at its pinned revision; a verified file gets its sidecar."""
         part = item.target.with_name(item.target.name + PART_SUFFIX)
-        if item.sha256 is not None and digest != item.sha256:
+        expected, source = (item.sha256, "the reference") if item.sha256 else (published, "the hub")
+        if expected is not None and digest != expected:
             part.unlink(missing_ok=True)
             raise DownloadError(
-                f"{item.rel} from {item.url} has sha256 {digest}, the reference says {item.sha256}; "
+                f"{item.rel} from {item.url} has sha256 {digest}, {source} says {expected}; "
                 "deleted the download"
             )
-        if item.sha256 is not None:
+        if expected is not None:
             # Sidecar first: the rename keeps size and mtime, so the file is trusted the moment it appears.
             write_sidecar(item.target, digest, stat_of=part)
         os.replace(part, item.target)
 
-    def _fetch_once(self, record: ModelRecord, item: _Item) -> str:
-        """One request: resume the .part if any, stream the rest while hashing; return the sha256."""
+    def _fetch_once(self, record: ModelRecord, item: _Item) -> tuple[str, str | None]:
+        """One request: resume the .part if any, stream the rest while hashing; return the sha256 and the
+        sha256 the server published for the file, if any."""
         part = item.target.with_name(item.target.name + PART_SUFFIX)
         offset = part.stat().st_size if part.is_file() else 0
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -496,11 +510,11 @@ class Downloader:
             if response.status_code == 416 and offset:
                 # The .part may already be whole (a crash before the rename); otherwise start over.
                 if item.sha256 is not None and hash_file(part) == item.sha256:
-                    return item.sha256
+                    return item.sha256, None
                 part.unlink(missing_ok=True)
                 raise _Retryable("server refused the resume range; restarting from zero")
             offset = self._check_response(record, item, response, part, offset)
-            return self._stream(item, response, part, offset)
+            return self._stream(item, response, part, offset), published_sha256(response)
 
     def _check_response(
         self, record: ModelRecord, item: _Item, response: requests.Response, part: Path, offset: int

@@ -30,7 +30,8 @@ class FileServer:
 
     root: Path
     url: str = ""
-    # path -> actions consumed one per request: "503", "404", "truncate:N", "ignore-range"
+    # path -> actions consumed one per request: "503", "404", "truncate:N", "ignore-range",
+    # "linked-etag:HEX" (the header a Hugging Face server sends with a large file's sha256)
     faults: dict[str, list[str]] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     bytes_sent: int = 0
@@ -70,6 +71,8 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.send_header("Content-Length", str(len(data) - start))
+            if fault and fault.startswith("linked-etag:"):
+                self.send_header("X-Linked-Etag", f'"{fault.split(":")[1]}"')
             self.end_headers()
             body = data[start:]
             if fault and fault.startswith("truncate:"):
@@ -217,6 +220,21 @@ def test_checksum_mismatch_deletes_and_reports(
     assert not (dest / "model.safetensors").exists() and not (dest / "model.safetensors.part").exists()
     assert not is_ready(record, dest)
     assert any("Broken Model" in r.getMessage() and PAYLOAD_SHA in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_without_a_reference_sha256_is_checked_against_the_hubs(
+    tmp_path: Path, server: FileServer, downloader: Downloader
+) -> None:
+    record, dest = _record(server, sha=None), tmp_path / "models"
+    server.faults["model.safetensors"] = [f"linked-etag:{PAYLOAD_SHA}"]
+    assert downloader.ensure(record, dest).ok
+    assert json.loads((dest / "model.safetensors.sha256").read_text())["sha256"] == PAYLOAD_SHA
+
+    other = tmp_path / "other"
+    server.faults["model.safetensors"] = ["linked-etag:" + "cd" * 32]
+    outcome = downloader.ensure(record, other)
+    assert not outcome.ok and "the hub says " + "cd" * 32 in outcome.reason
+    assert not (other / "model.safetensors").exists() and not (other / "model.safetensors.part").exists()
 
 
 def test_corrupt_existing_file_is_replaced(
