@@ -77,6 +77,27 @@ def resolved_models(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
     return list(resolved.names), list(resolved.warnings)
 
 
+def controlnet_lines(config: Any, names: list[str]) -> list[str]:
+    """Which control types are ready for the resolved models (their files present and verified)."""
+    if not config.allow_controlnet:
+        return ["allow_controlnet is false: the worker pops without ControlNet and downloads none"]
+    from controlnet import ANNOTATOR_REFERENCE, ControlNets
+    from models.cache import ModelCache
+    from models.device import DevicePolicy
+    from models.reference import ModelReference
+
+    extra = [Path(p) for p in config.custom_model_reference] + [ANNOTATOR_REFERENCE]
+    reference = ModelReference.load(cache_dir=Path(config.cache_home) / "reference", upstream=None,
+                                    extra_files=extra)
+    records = [reference.get(name) for name in names if name in reference]
+    probe = ControlNets(reference=reference, cache=ModelCache(DevicePolicy.cpu(), ram_budget_bytes=0),
+                        device=DevicePolicy.cpu(), cache_home=Path(config.cache_home))
+    lines = probe.report(records)
+    pops = "with" if probe.serves(records) else "WITHOUT"
+    return [*lines, f"the worker pops {pops} allow_controlnet (only when every type that has a ControlNet "
+                    "for these baselines is ready; --download-models fetches what is missing)"]
+
+
 def check_config(loaded: LoadedConfig) -> int:
     config = loaded.config
     print(f"# config: {loaded.source or '(defaults)'}")
@@ -91,6 +112,9 @@ def check_config(loaded: LoadedConfig) -> int:
     print("\n# keys accepted but not acted on yet")
     for key, why in NOT_ACTED_ON.items():
         print(f"- {key}: {why}")
+    print("\n# ControlNet (allow_controlnet)")
+    for line in controlnet_lines(config, names):
+        print(f"- {line}")
     warnings = loaded.warnings + model_warnings
     print("\n# warnings")
     for warning in warnings or ["none"]:
