@@ -87,7 +87,9 @@ def test_diffusers_layout_and_sd2_shapes(tmp_path: Path) -> None:
     )
 
 
-def test_a_controlnet_of_another_shape_or_a_broken_file_is_a_clear_error(nets: dict, tmp_path: Path) -> None:
+def test_a_controlnet_of_another_shape_or_a_broken_file_is_a_clear_error(
+    nets: dict, tmp_path: Path
+) -> None:
     sd2 = tiny_unet(sd2=True, seed=6)
     sd2_file = _save(tmp_path, "control_sd21.safetensors", controlnet_to_ldm(tiny_controlnet(sd2, seed=7)))
     with pytest.raises(ControlNetLoadError, match="does not fit"):
@@ -101,6 +103,7 @@ def test_a_controlnet_of_another_shape_or_a_broken_file_is_a_clear_error(nets: d
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(ControlNetLoadError, match="not a readable"):
         build_controlnet(garbage, sd2, torch.float32)
-    not_controlnet = _save(tmp_path, "unet.safetensors", {"model.diffusion_model.out.0.weight": torch.ones(2)})
+    unet_only = {"model.diffusion_model.out.0.weight": torch.ones(2)}
+    not_controlnet = _save(tmp_path, "unet.safetensors", unet_only)
     with pytest.raises(ControlNetLoadError, match="not a ControlNet"):
         build_controlnet(not_controlnet, sd2, torch.float32)

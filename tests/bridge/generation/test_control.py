@@ -25,7 +25,8 @@ tiny_controlnets = control_fixtures.tiny_controlnets
 stack = control_fixtures.stack
 picture = control_fixtures.picture
 
-SMALL = {"prompt": "a house", "ddim_steps": 2, "width": 64, "height": 64, "seed": 21, "sampler_name": "k_euler"}
+SMALL = {"prompt": "a house", "ddim_steps": 2, "width": 64, "height": 64, "seed": 21,
+         "sampler_name": "k_euler"}
 
 
 def request_for(stack: ControlStack, model: str, source: Image.Image | None, processing: str = "img2img",
@@ -71,11 +72,14 @@ def test_sdxl_and_a_missing_source_fault(stack: ControlStack, picture: Image.Ima
         request_for(stack, SD1, None, control_type="canny")
 
 
-def test_mode_follows_denoising_strength_and_masks_are_reported(stack: ControlStack, picture: Image.Image) -> None:
+def test_mode_follows_denoising_strength_and_masks_are_reported(
+    stack: ControlStack, picture: Image.Image
+) -> None:
     request, _, _ = request_for(stack, SD1, picture, control_type="canny")
     assert request.mode == "txt2img" and request.control is not None and request.denoising_strength == 1.0
     mask = Image.new("L", (64, 64), 255)
-    request, _, subs = request_for(stack, SD1, picture, mask=mask, control_type="canny", denoising_strength=0.5)
+    request, _, subs = request_for(stack, SD1, picture, mask=mask, control_type="canny",
+                                   denoising_strength=0.5)
     assert request.mode == "img2img" and request.denoising_strength == 0.5 and request.mask == "none"
     assert any(s.field == "source_mask" and "do not use masks" in s.why for s in subs)
     request, _, subs = request_for(stack, SD1, picture, image_is_control=True)
@@ -138,7 +142,8 @@ def test_img2img_with_control_and_sd2_diff_controlnet(stack: ControlStack, pictu
 
 
 def test_hires_fix_keeps_the_control_in_both_passes(stack: ControlStack, picture: Image.Image) -> None:
-    result = run(stack, SD1, picture, control_type="canny", width=576, height=576, hires_fix=True, ddim_steps=1)
+    result = run(stack, SD1, picture, control_type="canny", width=576, height=576, hires_fix=True,
+                 ddim_steps=1)
     assert result.images[0].image.size == (576, 576)
 
 
