@@ -10,7 +10,8 @@ benchmarks (random weights; nothing is downloaded).
 * `annotators.json`: the annotator records with their real file names and layouts (controlnet-aux's
   networks at their real shapes, each tensor stored as a broadcast view of a small random vector, so a
   500 MB network is a few hundred KB on disk; the OpenPose body network is all zeros so that it finds no
-  one instead of thousands of random keypoints), and a tiny ADE20k UperNet.
+  one instead of thousands of random keypoints), and a tiny ADE20k UperNet (all at full size with
+  `full_size`, for benchmarks).
 * `tiny-sd2.json`: a tiny SD2 txt2img model (the tiny set has only a depth2img SD2 model).
 """
 
@@ -67,7 +68,7 @@ def tiny_unet(*, sd2: bool, seed: int) -> Any:
     return _unet(4, sd2=sd2)
 
 
-def tiny_controlnet(unet: Any, seed: int) -> Any:
+def random_controlnet(unet: Any, seed: int) -> Any:
     """A ControlNet for `unet`'s shape with random weights everywhere (zero convolutions included, so that
     the control visibly changes the image)."""
     from diffusers import ControlNetModel
@@ -139,7 +140,7 @@ def _save_controlnets(dest: Path, files: dict[str, tuple[str, str]], *, sd2: boo
         if file_name in done:
             continue
         done.add(file_name)
-        controlnet = tiny_controlnet(reference_unet, seed + 1 + offset)
+        controlnet = random_controlnet(reference_unet, seed + 1 + offset)
         state = diff_file(controlnet, reference_unet) if fmt == "diff" else controlnet_to_ldm(controlnet)
         save_file({k: v.to(torch.float16) for k, v in state.items()}, str(dest / file_name))
 
@@ -160,19 +161,23 @@ def _controlnet_records(dest: Path) -> dict[str, Any]:
 
 
 def compact(state: dict[str, torch.Tensor], seed: int, *, zero: bool = False, scale: float = 0.02,
-            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+            dtype: torch.dtype = torch.float32, dense: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of `state`, same name, shape and dtype, as a broadcast view of one random vector along
-    its last dimension: the file keeps the real layout at a fraction of the bytes."""
+    its last dimension: the file keeps the real layout at a fraction of the bytes. `dense`: fully random
+    tensors of their real size instead (benchmarks time the networks with real memory traffic)."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in state.items():
         if not value.is_floating_point():
             out[key] = torch.zeros(value.shape, dtype=value.dtype)
-            continue
-        width = value.shape[-1] if value.ndim else 1
-        base = torch.zeros(width) if zero else torch.randn(width, generator=generator) * scale
-        base = base.to(dtype)
-        out[key] = base.expand(value.shape) if value.ndim else base[0].clone()
+        elif dense:
+            full = torch.zeros(value.shape) if zero else torch.randn(value.shape, generator=generator) * scale
+            out[key] = full.to(dtype)
+        else:
+            width = value.shape[-1] if value.ndim else 1
+            base = torch.zeros(width) if zero else torch.randn(width, generator=generator) * scale
+            base = base.to(dtype)
+            out[key] = base.expand(value.shape) if value.ndim else base[0].clone()
     return out
 
 
@@ -184,7 +189,7 @@ def _meta_state(build: Any) -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
-def _save_annotators(dest: Path) -> None:
+def _save_annotators(dest: Path, *, full_size: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from controlnet_aux.hed import ControlNetHED_Apache2
@@ -195,20 +200,22 @@ def _save_annotators(dest: Path) -> None:
 
     folder = dest / "annotators"
     folder.mkdir(parents=True, exist_ok=True)
-    hed = compact(_meta_state(ControlNetHED_Apache2), 1, dtype=torch.float16)
+    dense = full_size
+    hed = compact(_meta_state(ControlNetHED_Apache2), 1, dtype=torch.float16, dense=dense)
     torch.save(hed, folder / "ControlNetHED.pth")
-    leres = compact(_meta_state(lambda: RelDepthModel(backbone="resnext101")), 2)
+    leres = compact(_meta_state(lambda: RelDepthModel(backbone="resnext101")), 2, dense=dense)
     torch.save({"depth_model": {f"module.{k}": v for k, v in leres.items()}}, folder / "res101.pth")
     midas = _meta_state(lambda: DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True))
-    torch.save(compact(midas, 3), folder / "dpt_hybrid-midas-501f0c75.pt")
-    body = compact(_meta_state(bodypose_model), 4, zero=True)
+    torch.save(compact(midas, 3, dense=dense), folder / "dpt_hybrid-midas-501f0c75.pt")
+    body = compact(_meta_state(bodypose_model), 4, zero=True, dense=dense)
     torch.save({k.split(".", 1)[1]: v for k, v in body.items()}, folder / "body_pose_model.pth")
-    torch.save(compact(_meta_state(MobileV2_MLSD_Large), 5), folder / "mlsd_large_512_fp32.pth")
-    _save_seg(folder / "upernet-convnext-small")
+    torch.save(compact(_meta_state(MobileV2_MLSD_Large), 5, dense=dense), folder / "mlsd_large_512_fp32.pth")
+    _save_seg(folder / "upernet-convnext-small", real_shape=full_size)
 
 
-def _save_seg(folder: Path) -> None:
-    """A tiny UperNet-ConvNeXt with the 150 ADE20k classes, as the hub repository ships it."""
+def _save_seg(folder: Path, *, real_shape: bool = False) -> None:
+    """An UperNet-ConvNeXt with the 150 ADE20k classes, as the hub repository ships it: tiny, or (for
+    benchmarks) at upernet-convnext-small's real shape and size."""
     from transformers import (
         ConvNextConfig,
         SegformerImageProcessor,
@@ -217,15 +224,23 @@ def _save_seg(folder: Path) -> None:
     )
 
     torch.manual_seed(6)
-    backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
-                              out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32,
-                           auxiliary_channels=16, num_labels=150)
-    model = UperNetForSemanticSegmentation(config).eval()
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if real_shape:
+        backbone = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 27, 3], out_features=stages)
+        config = UperNetConfig(backbone_config=backbone, hidden_size=512, auxiliary_in_channels=384,
+                               num_labels=150)
+        with torch.device("meta"):
+            state = UperNetForSemanticSegmentation(config).state_dict()
+        state, size = compact(state, 6, dense=True), 512
+    else:
+        backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=stages)
+        config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32,
+                               auxiliary_channels=16, num_labels=150)
+        state, size = UperNetForSemanticSegmentation(config).eval().state_dict(), 64
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    torch.save(state, folder / "pytorch_model.bin")
+    SegformerImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
 
 
 def _annotator_records(dest: Path) -> dict[str, Any]:
@@ -269,23 +284,26 @@ def _save_sd2(dest: Path, work: Path) -> dict[str, Any]:
 REFERENCES = ("controlnet.json", "annotators.json", f"{TINY_SD2}.json")
 
 
-def _is_built(dest: Path) -> bool:
+def _is_built(dest: Path, version: str) -> bool:
     marker = dest / ".tiny-controlnet-build"
-    return (marker.is_file() and marker.read_text().strip() == str(BUILD_VERSION)
+    return (marker.is_file() and marker.read_text().strip() == version
             and all((dest / name).is_file() for name in REFERENCES))
 
 
-def build_tiny_controlnets(dest: Path) -> dict[str, Path]:
-    """Build once into `dest`; returns the reference files: {"controlnet", "annotators", "tiny-sd2"}."""
+def build_tiny_controlnets(dest: Path, *, full_size: bool = False) -> dict[str, Path]:
+    """Build once into `dest`; returns the reference files: {"controlnet", "annotators", "tiny-sd2"}.
+    `full_size`: annotator weights at their real size (dense random tensors, a real-shape segmentation
+    network): about 1.5 GB, for benchmarks that time the annotators."""
     dest = Path(dest).resolve()
     paths = {name.removesuffix(".json"): dest / name for name in REFERENCES}
+    version = f"{BUILD_VERSION}{'-full-size' if full_size else ''}"
     with _exclusive(dest):
-        if _is_built(dest):
+        if _is_built(dest, version):
             return paths
         logger.info("building tiny ControlNets and annotators into %s", dest)
         _save_controlnets(dest, SD1_FILES, sd2=False, seed=100)
         _save_controlnets(dest, SD2_FILES, sd2=True, seed=200)
-        _save_annotators(dest)
+        _save_annotators(dest, full_size=full_size)
         with tempfile.TemporaryDirectory(dir=dest, prefix=".work-") as work:
             sd2 = _save_sd2(dest, Path(work))
         for name, records in (("controlnet.json", _controlnet_records(dest)),
@@ -293,7 +311,7 @@ def build_tiny_controlnets(dest: Path) -> dict[str, Path]:
             tmp = dest / f".{name}.tmp"
             tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
             os.replace(tmp, dest / name)
-        (dest / ".tiny-controlnet-build").write_text(str(BUILD_VERSION))
+        (dest / ".tiny-controlnet-build").write_text(version)
         return paths
 
 

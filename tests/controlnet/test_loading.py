@@ -18,7 +18,7 @@ from controlnet.loading import (
     file_format,
     read_keys,
 )
-from controlnet.tiny import controlnet_to_ldm, diff_file, tiny_controlnet, tiny_unet
+from controlnet.tiny import controlnet_to_ldm, diff_file, random_controlnet, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def nets() -> dict[str, object]:
     return {
         "reference": reference,  # the UNet the diff was extracted against (SD1.5 for the real ones)
         "base": tiny_unet(sd2=False, seed=2),  # the job's model
-        "controlnet": tiny_controlnet(reference, seed=3),
+        "controlnet": random_controlnet(reference, seed=3),
     }
 
 
@@ -78,7 +78,7 @@ def test_fp16_file_loads_in_the_device_dtype_and_sizes_are_known_up_front(nets: 
 
 def test_diffusers_layout_and_sd2_shapes(tmp_path: Path) -> None:
     sd2 = tiny_unet(sd2=True, seed=4)
-    controlnet = tiny_controlnet(sd2, seed=5)
+    controlnet = random_controlnet(sd2, seed=5)
     path = _save(tmp_path, "diffusion_pytorch_model.safetensors", dict(controlnet.state_dict()))
     assert file_format(read_keys(path)) == DIFFUSERS
     loaded = build_controlnet(path, sd2, torch.float32)
@@ -91,7 +91,7 @@ def test_a_controlnet_of_another_shape_or_a_broken_file_is_a_clear_error(
     nets: dict, tmp_path: Path
 ) -> None:
     sd2 = tiny_unet(sd2=True, seed=6)
-    sd2_file = _save(tmp_path, "control_sd21.safetensors", controlnet_to_ldm(tiny_controlnet(sd2, seed=7)))
+    sd2_file = _save(tmp_path, "control_sd21.safetensors", controlnet_to_ldm(random_controlnet(sd2, seed=7)))
     with pytest.raises(ControlNetLoadError, match="does not fit"):
         build_controlnet(sd2_file, nets["base"], torch.float32)
     state = load_file(str(sd2_file))
