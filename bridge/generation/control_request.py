@@ -2,8 +2,8 @@
 
 * `control_type` is one of the horde's nine (controlnet.types); `image_is_control`: the source already is the
   control map (no annotator); `return_control_map`: the deliverable is the annotator's map itself.
-* The server refuses ControlNet with inpainting, on SDXL / Cascade / Flux, and normal / mlsd / hough on SD2;
-  such a job faults here with that reason if it ever arrives. So does one whose source image could not be
+* The server refuses ControlNet with inpainting (not outpainting), on SDXL / Cascade / Flux, and normal /
+  mlsd / hough on SD2; such a job faults here with that reason if it ever arrives. So does one whose source image could not be
   used (a control job without its control means nothing), one on a depth2img model (no ControlNet pipeline),
   a type the horde's reference has no ControlNet for on that baseline (seg on SD2), and image_is_control with
   return_control_map (the source itself back; the horde refuses that pair).
@@ -59,7 +59,8 @@ def resolve_control(
     if source.processing is None:
         raise RequestFault(f"ControlNet ({kind.name}) needs a source image, and this job's could not be used")
     style = (record.style or "").lower()
-    if source.processing in ("inpainting", "outpainting") or record.inpainting or style == "inpainting":
+    # The server refuses inpainting only; outpainting runs as a ControlNet job like the peers' (mask unused).
+    if source.processing == "inpainting" or record.inpainting or style == "inpainting":
         raise RequestFault("ControlNet cannot be combined with inpainting (the horde refuses it)")
     baseline = (record.baseline or "").lower()
     if baseline not in CONTROL_BASELINES:

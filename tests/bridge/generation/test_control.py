@@ -84,6 +84,9 @@ def test_mode_follows_denoising_strength_and_masks_are_reported(
     assert any(s.field == "source_mask" and "do not use masks" in s.why for s in subs)
     request, _, subs = request_for(stack, SD1, picture, image_is_control=True)
     assert request.control is None and any(s.field == "control" for s in subs)
+    request, _, subs = request_for(stack, SD1, picture, "outpainting", mask=mask, control_type="canny")
+    assert request.mode == "txt2img" and request.control is not None  # the horde allows it: mask unused
+    assert {s.field for s in subs} >= {"source_mask", "source_processing"}
 
 
 def test_the_control_guides_the_image_deterministically(stack: ControlStack, picture: Image.Image) -> None:
