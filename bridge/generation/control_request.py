@@ -3,10 +3,10 @@
 * `control_type` is one of the horde's nine (controlnet.types); `image_is_control`: the source already is the
   control map (no annotator); `return_control_map`: the deliverable is the annotator's map itself.
 * The server refuses ControlNet with inpainting (not outpainting), on SDXL / Cascade / Flux, and normal /
-  mlsd / hough on SD2; such a job faults here with that reason if it ever arrives. So does one whose source image could not be
-  used (a control job without its control means nothing), one on a depth2img model (no ControlNet pipeline),
-  a type the horde's reference has no ControlNet for on that baseline (seg on SD2), and image_is_control with
-  return_control_map (the source itself back; the horde refuses that pair).
+  mlsd / hough on SD2; such a job faults here with that reason if it ever arrives. So does one whose source
+  image could not be used (a control job without its control means nothing), one on a depth2img model (no
+  ControlNet pipeline), a type the horde's reference has no ControlNet for on that baseline (seg on SD2),
+  and image_is_control with return_control_map (the source itself back; the horde refuses that pair).
 * Mode: no denoising_strength (or 1.0) -> txt2img guided by the map (the peers' default: denoise 1.0);
   a strength below 1 -> img2img of the source guided by its map. Masks are not used (reported).
 * There is no strength field in the API: the ControlNet is applied at 1.0.
