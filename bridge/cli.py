@@ -60,11 +60,32 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def controlnet_lines(config: Any, names: list[str]) -> list[str]:
+    """Which control types are ready for the resolved models (their files present and verified)."""
+    if not config.allow_controlnet:
+        return ["allow_controlnet is false: the worker pops without ControlNet and downloads none"]
+    from controlnet import ANNOTATOR_REFERENCE, ControlNets
+    from models.cache import ModelCache
+    from models.device import DevicePolicy
+    from models.reference import ModelReference
+
+    extra = [Path(p) for p in config.custom_model_reference] + [ANNOTATOR_REFERENCE]
+    reference = ModelReference.load(cache_dir=Path(config.cache_home) / "reference", upstream=None,
+                                    extra_files=extra)
+    records = [reference.get(name) for name in names if name in reference]
+    probe = ControlNets(reference=reference, cache=ModelCache(DevicePolicy.cpu(), ram_budget_bytes=0),
+                        device=DevicePolicy.cpu(), cache_home=Path(config.cache_home))
+    lines = probe.report(records)
+    pops = "with" if probe.serves(records) else "WITHOUT"
+    return [*lines, f"the worker pops {pops} allow_controlnet (only when every type that has a ControlNet "
+                    "for these baselines is ready; --download-models fetches what is missing)"]
+
+
 def check_config(loaded: LoadedConfig) -> int:
     config = loaded.config
     print(f"# config: {loaded.source or '(defaults)'}")
     print(yaml.safe_dump(masked_dump(config), sort_keys=False).rstrip())
-    plan_lines, model_warnings, stop = _plan_section(config)
+    plan_lines, model_warnings, stop, names = _plan_section(config)
     print("\n".join(plan_lines))
     if loaded.mapped_keys:
         print("\n# keys of other workers' files, honoured as ours")
@@ -77,6 +98,9 @@ def check_config(loaded: LoadedConfig) -> int:
     print("\n# keys accepted but not acted on yet")
     for key, why in NOT_ACTED_ON.items():
         print(f"- {key}: {why}")
+    print("\n# ControlNet (allow_controlnet)")
+    for line in controlnet_lines(config, names):
+        print(f"- {line}")
     warnings = loaded.warnings + model_warnings
     print("\n# warnings")
     for warning in warnings or ["none"]:
@@ -87,16 +111,16 @@ def check_config(loaded: LoadedConfig) -> int:
     return 0
 
 
-def _plan_section(config) -> tuple[list[str], list[str], str | None]:
+def _plan_section(config) -> tuple[list[str], list[str], str | None, list[str]]:
     """The resolved models and the download plan as `run_worker.py` would start with them (no download);
-    warnings; the line that would stop the start, if any."""
+    warnings; the line that would stop the start, if any; the resolved model names."""
     from bridge.startup import download_plan, is_real_horde, template_name_problems
     from bridge.worker import _has_gpu, plan_worker, weight_records
 
     try:
         plan = plan_worker(config, has_gpu=_has_gpu())
     except Exception as err:  # offline with no cache and no snapshot: say so, don't fail the check
-        return [f"\n# model plan unavailable: {err}"], [f"model plan unavailable ({err})"], None
+        return [f"\n# model plan unavailable: {err}"], [f"model plan unavailable ({err})"], None, []
     lines = ["\n# resolved models_to_load", json.dumps(plan.models)]
     downloads = download_plan(Path(config.cache_home), weight_records(config, plan))
     lines += ["\n# download plan"] + [f"- {line}" for line in downloads.lines()]
@@ -106,7 +130,7 @@ def _plan_section(config) -> tuple[list[str], list[str], str | None]:
     stop = downloads.shortage()
     if names and is_real_horde(config):
         stop = names[0]
-    return lines, warnings, stop
+    return lines, warnings, stop, list(plan.models)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,13 +75,13 @@ LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "custom_models": "use a local reference file (custom_model_reference)",
     "process_timeout": "jobs are bounded by the horde's ttl",
     "preload_timeout": "not used",
-    "enable_controlnet": "ControlNet is not supported yet",
+    "enable_controlnet": "use allow_controlnet",
 }
 
 # Accepted keys this bridge does not act on yet. Kept honest: --check-config prints this list.
 NOT_ACTED_ON: dict[str, str] = {
-    "allow_controlnet": "ControlNet is not implemented; the worker always pops with allow_controlnet false",
-    "allow_sdxl_controlnet": "ControlNet is not implemented; the worker always pops with it false",
+    "allow_sdxl_controlnet": "the horde's SDXL ControlNet is its QR-code workflow, which this worker does "
+                             "not run; it always pops with it false",
     "allow_lora": "LoRA is not implemented; the worker always pops with allow_lora false",
     "max_lora_cache_size": "LoRA is not implemented",
     "temp_dir": "the worker writes no scratch files",

@@ -61,8 +61,9 @@ def _webp(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def build_demo_models(tiny_dir: Path) -> tuple[Path, list[str]]:
-    """Tiny models of every kind; returns (their SD reference file, the SD model names)."""
+def build_demo_models(tiny_dir: Path) -> tuple[list[Path], list[str]]:
+    """Tiny models of every kind; returns (their reference files, the SD model names)."""
+    from controlnet.tiny import build_tiny_controlnets
     from interrogators.tiny import build_tiny_interrogators
     from models.tiny import TINY_NAMES, build_tiny_models
     from postprocessors.tiny import build_tiny_postprocessors
@@ -70,7 +71,8 @@ def build_demo_models(tiny_dir: Path) -> tuple[Path, list[str]]:
     reference = build_tiny_models(tiny_dir / "sd")
     build_tiny_postprocessors(tiny_dir, categories=["esrgan", "rembg"])  # the face fixers weigh 650 MB
     build_tiny_interrogators(tiny_dir)
-    return reference, list(TINY_NAMES)
+    controlnets = build_tiny_controlnets(tiny_dir / "controlnet")
+    return [reference, controlnets["controlnet"], controlnets["annotators"]], list(TINY_NAMES)
 
 
 def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list[str]) -> BridgeConfig:
@@ -80,7 +82,7 @@ def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list
         "horde_url": horde_url, "api_key": api_key, "models_to_load": models, "models_to_skip": [],
         "dreamer": True, "alchemist": True, "force_cpu_generation": True, "forms": forms,
         "max_power": max(config.max_power, 8), "disable_terminal_ui": True, "stats_output_frequency": 0,
-        "dynamic_models": False, "custom_model_reference": [],
+        "dynamic_models": False, "custom_model_reference": [], "allow_controlnet": True,
         "state_dir": str(Path(config.state_dir) / "demo"),
     })
 
@@ -103,6 +105,10 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
                            source_processing="img2img", params={**base, "denoising_strength": 0.7})),
         ("txt2img + RealESRGAN_x2plus", dict(prompt="a castle", models=[sd],
                                              params={**base, "post_processing": ["RealESRGAN_x2plus"]})),
+        ("controlnet canny", dict(prompt="a lighthouse", models=[sd], source_image=source,
+                                  params={**base, "control_type": "canny"})),
+        ("controlnet hed map", dict(prompt="a lighthouse", models=[sd], source_image=source,
+                                    params={**base, "control_type": "hed", "return_control_map": True})),
     ]
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]
@@ -143,14 +149,14 @@ def run_demo(config: BridgeConfig, *, output_dir: Path) -> int:
     tiny_dir = Path(config.cache_home) / "tiny"
     started = time.monotonic()
     log.info("building tiny demo models in %s (once)", tiny_dir)
-    reference, models = build_demo_models(tiny_dir)
+    references, models = build_demo_models(tiny_dir)
     log.info("models ready in %.1f s", time.monotonic() - started)
     grant = {bridge_agent_name(config): "AI Horde Worker reGen"}
     with LocalHorde(known_models=models, extra_bridges=grant) as horde:
         settings = demo_config(config, horde.base_url, DEFAULT_API_KEY, models)
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent=CLIENT_AGENT)
         plan = plan_worker(settings, has_gpu=False, client=client,
-                           reference=load_reference(settings, [reference], upstream=False))
+                           reference=load_reference(settings, references, upstream=False))
         worker = build_worker(settings, plan, weights_dir=tiny_dir, interrogator_models=TINY_INTERROGATORS)
         requests = post_samples(horde, models)
         daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources,

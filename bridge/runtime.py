@@ -21,3 +21,4 @@ class Runtime:
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    controlnets: Any = None  # controlnet.ControlNets: None unless allow_controlnet

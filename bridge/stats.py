@@ -10,7 +10,7 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from bridge.jobs.base import JobTimings
 
@@ -36,6 +36,7 @@ class Snapshot:
     stage_means_s: dict[str, float]
     in_flight: int
     last_job: str
+    features: dict[str, int] = field(default_factory=dict)  # jobs per feature (controlnet:canny, ...)
 
 
 class Stats:
@@ -49,6 +50,7 @@ class Stats:
         self._dropped = 0
         self._kudos = 0.0
         self._faults_by_kind: Counter[str] = Counter()
+        self._features: Counter[str] = Counter()
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=200))
         self._last_job = ""
         self.in_flight = 0
@@ -57,6 +59,7 @@ class Stats:
         with self._lock:
             self._jobs += 1
             self._last_job = description
+            self._features.update(timings.features)
             for stage in STAGES:
                 self._stages[stage].append(getattr(timings, stage))
 
@@ -95,16 +98,18 @@ class Stats:
                 stage_means_s={s: means.get(s, 0.0) for s in STAGES},
                 in_flight=self.in_flight,
                 last_job=self._last_job,
+                features=dict(self._features),
             )
 
     def summary_line(self) -> str:
         snap = self.snapshot()
         stages = " ".join(f"{k}={v:.2f}s" for k, v in snap.stage_means_s.items() if v)
         faults = ", ".join(f"{k}: {v}" for k, v in snap.faults_by_kind.items()) or "none"
+        used = "".join(f", {k} {v}" for k, v in sorted(snap.features.items()))
         return (
             f"stats: {snap.jobs_done} jobs, {snap.images_done} submits, {snap.kudos:.1f} kudos "
             f"({snap.kudos_per_hour:.0f}/h, {snap.jobs_per_hour:.0f} jobs/h), faulted {snap.faulted} "
-            f"({faults}), dropped {snap.dropped}, in flight {snap.in_flight}; mean {stages or 'n/a'}"
+            f"({faults}), dropped {snap.dropped}, in flight {snap.in_flight}{used}; mean {stages or 'n/a'}"
         )
 
     def as_dict(self) -> dict:

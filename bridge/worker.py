@@ -74,10 +74,11 @@ def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[
 def load_reference(config: BridgeConfig, reference_files: Sequence[Path] = (), upstream: bool = True):
     """The horde's reference plus the bridge's own entries (interrogation models, strip_background) and
     the operator's custom files."""
+    from controlnet import ANNOTATOR_REFERENCE
     from interrogators.reference import REFERENCE_PATH as INTERROGATOR_REFERENCE
     from models.reference import ModelReference
 
-    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE]
+    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE, ANNOTATOR_REFERENCE]
     extra += [Path(p) for p in config.custom_model_reference] + list(reference_files)
     source: dict = {"upstream": None} if not upstream else {}
     if upstream and config.model_reference:
@@ -138,7 +139,25 @@ def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
             records.append(plan.reference.get(name))
         except KeyError:
             log.warning("no reference entry for %s: its weights cannot be downloaded", name)
-    return records
+    return records + controlnet_records(config, plan)
+
+
+def controlnet_records(config: BridgeConfig, plan: WorkerPlan) -> list:
+    """allow_controlnet: the ControlNets and annotators of every type the served models' baselines take."""
+    if not (plan.dreamer and config.allow_controlnet):
+        return []
+    from controlnet import ControlNets, can_control
+    from models.cache import ModelCache
+    from models.device import DevicePolicy
+
+    baselines = []
+    for name in plan.models:
+        record = plan.reference.get(name)
+        if can_control(record):
+            baselines.append(record.baseline)
+    probe = ControlNets(reference=plan.reference, cache=ModelCache(DevicePolicy.cpu(), ram_budget_bytes=0),
+                        device=DevicePolicy.cpu(), cache_home=Path(config.cache_home))
+    return probe.wanted_records(baselines)
 
 
 def download_weights(config: BridgeConfig, plan: WorkerPlan) -> dict[str, bool]:
@@ -190,6 +209,11 @@ def build_worker(
                                       cache_home=Path(config.cache_home), models=plan.models)
         runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
                                              forms=[NSFW_FORM], **names).nsfw
+        if config.allow_controlnet:
+            from controlnet import ControlNets
+
+            runtime.controlnets = ControlNets(reference=plan.reference, cache=cache, device=device,
+                                              cache_home=Path(config.cache_home))
         sources.append(GenerationSource())
     if plan.alchemist:
         from bridge.jobs.alchemy import AlchemySource

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from local_horde import rules
 from local_horde.alchemy import AlchemyQueue
 from local_horde.generation import GenerationQueue
 from local_horde.schema import GENERATE_ASYNC, INTERROGATE_ASYNC, WORKER_MODIFY, validate
@@ -117,6 +118,7 @@ class HordeApi:
             raise validation_error(errors)
         user = self.requester_user(req.api_key)
         body = req.body
+        rules.check_control_request(body, self.gens.baselines)
         sources: dict[str, str | None] = {}
         stamp = f"{time.time_ns()}"
         if body.get("source_image"):

@@ -42,6 +42,43 @@ def resolve_seed(seed: str | None, rng: random.Random) -> int | None:
     return int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 2**32
 
 
+# Baselines the server refuses ControlNet on, with the name its message uses.
+NO_CONTROLNET_BASELINES = {
+    "stable_diffusion_xl": "SDXL",
+    "stable_cascade": "Stable Cascade",
+    "flux_1": "Flux",
+    "qwen_image": "Qwen",
+    "z_image_turbo": "Z-Image",
+}
+
+
+def check_control_request(body: dict[str, Any], baselines: dict[str, str]) -> None:
+    """The server's refusals of a ControlNet request at generate/async (same order, messages and codes)."""
+    params = body.get("params") or {}
+    if "control_type" not in params:
+        return
+    models = list(body.get("models") or [])
+    kind = params.get("control_type")
+    if kind in ("normal", "mlsd", "hough") and any(
+        (baselines.get(m) or "").startswith("stable diffusion 2") for m in models
+    ):
+        raise ApiError(400, "No current model available for this particular ControlNet for SD2.x",
+                       "ControlNetUnsupported")
+    if "pix2pix" in models:
+        raise ApiError(400, "You cannot use ControlNet with these models.", "ControlNetUnsupported")
+    if not body.get("source_image"):
+        raise ApiError(400, "Controlnet Requires a source image.", "ControlNetSourceMissing")
+    if body.get("source_processing") == "inpainting":
+        raise ApiError(400, "ControlNet cannot be used with inpainting at this time",
+                       "ControlNetInpaintingMismatch")
+    for baseline, label in NO_CONTROLNET_BASELINES.items():
+        if any((baselines.get(m) or "").startswith(baseline) for m in models):
+            raise ApiError(400, f"ControlNet does not work with {label} currently.", "ControlNetMismatch")
+    if params.get("transparent"):
+        raise ApiError(400, "Generating Transparent images is not supported during controlnet workflows "
+                       "currently.", "InvalidTransparencyCN")
+
+
 def check_priority_usernames(names: list[str]) -> None:
     for name in names:
         if not _USERNAME.match(name):
@@ -82,8 +119,8 @@ def image_kudos(params: dict[str, Any], baseline: str | None = None) -> float:
         0.1232 * steps + ((max(pixels - 4096, 0)) ** 1.75 / (1024**2 - 4096) ** 1.75) * 0.1232 * steps * 8.75
     )
     kudos *= 1.2 ** len(params.get("post_processing") or [])
-    if params.get("control_type"):
-        kudos *= 3
+    if params.get("control_type") and not params.get("return_control_map"):
+        kudos *= 3  # a control map alone costs what a plain image does
     kudos += 3 * len(params.get("loras") or [])
     if params.get("tis"):
         kudos += 1
@@ -119,7 +156,7 @@ def _bridge_lacks(worker: Worker, req: GenRequest) -> bool:
     if (p.get("clip_skip") or 1) > 1:
         needs.append("clip_skip")
     if p.get("control_type"):
-        needs.append("controlnet")
+        needs += ["controlnet", "image_is_control"]  # the server asks both of any ControlNet job's bridge
     if p.get("loras"):
         needs.append("lora")
         if any(lora.get("is_version") for lora in p["loras"]):

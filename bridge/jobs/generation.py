@@ -113,6 +113,9 @@ class GenerationJob(Job):
         self.timings.model_load = result.model_load_s
         self.timings.inference = result.inference_s
         self.timings.post_processing = result.post_processing_s
+        if result.control is not None:
+            self.timings.features = list(result.control.features)
+            logger.info("%s: %s", self.describe(), ", ".join(result.control.features))
         return self._submissions(result, [*source_subs, *subs, *result.notes])
 
     def _record(self, runtime: Runtime) -> Any:
@@ -193,7 +196,9 @@ class GenerationSource(JobSource):
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
         if capacity < 1 or not self.ready(runtime):
             return []
-        reply = client.pop_generation(pop_request(runtime.config, runtime.models.ready_models()))
+        models = runtime.models.ready_models()
+        request = pop_request(runtime.config, models, allow_controlnet=_controlnet_ready(runtime, models))
+        reply = client.pop_generation(request)
         for message in reply.messages:
             logger.info("message from the horde (%s): %s", message.origin or "horde", message.message)
         if reply.is_idle:
@@ -203,8 +208,16 @@ class GenerationSource(JobSource):
         return [GenerationJob(reply)]
 
 
-def pop_request(config: Any, models: list[str]) -> GenerationPopRequest:
-    """The generate/pop body from the worker's config (legacy key names) and its ready models."""
+def _controlnet_ready(runtime: Runtime, models: list[str]) -> bool:
+    """allow_controlnet: asked for by the operator, and every type the served models may get is ready."""
+    if runtime.controlnets is None or not runtime.config.allow_controlnet:
+        return False
+    return runtime.controlnets.serves([runtime.models.record(name) for name in models])
+
+
+def pop_request(config: Any, models: list[str], *, allow_controlnet: bool = False) -> GenerationPopRequest:
+    """The generate/pop body from the worker's config (legacy key names) and its ready models;
+    `allow_controlnet` only when the ControlNets and annotators of those models are ready."""
     return GenerationPopRequest(
         name=dreamer_name(config),
         models=models,
@@ -221,8 +234,8 @@ def pop_request(config: Any, models: list[str]) -> GenerationPopRequest:
         allow_painting=config.allow_painting,
         allow_unsafe_ipaddr=config.allow_unsafe_ip,
         allow_post_processing=config.allow_post_processing,
-        # Neither is implemented: advertising them would only earn faulted jobs.
-        allow_controlnet=False,
+        allow_controlnet=allow_controlnet,
+        # The horde's SDXL ControlNet is its QR-code workflow, which this worker does not run.
         allow_sdxl_controlnet=False,
         allow_lora=False,
         limit_max_steps=config.limit_max_steps,

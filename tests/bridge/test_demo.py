@@ -29,6 +29,8 @@ def test_demo_serves_every_kind_and_writes_real_images(tmp_path, capsys):
         "interrogation",
         "nsfw",
         "strip_background",
+        "controlnet canny",
+        "controlnet hed map",
     ):
         assert label in printed
     assert "faulted" not in printed.split("stats:")[0]
@@ -40,6 +42,7 @@ def test_demo_serves_every_kind_and_writes_real_images(tmp_path, capsys):
             image.load()
             sizes[path.name] = image.size
     assert sizes["txt2img_0.webp"] == (64, 64)
+    assert sizes["controlnet_canny_0.webp"] == sizes["controlnet_hed_map_0.webp"] == (64, 64)
     assert sizes["txt2img_plus_RealESRGAN_x2plus_0.webp"] == (128, 128)
     assert sizes["alchemy_RealESRGAN_x2plus.webp"] == (128, 128)
     with Image.open(output / "alchemy_strip_background.webp") as stripped:

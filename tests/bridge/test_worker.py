@@ -107,3 +107,26 @@ def test_a_template_worker_name_stops_a_start_against_the_real_horde(tmp_path, c
     assert "not starting: alchemist_name is 'An Awesome Alchemist'" in caplog.text
     local = config.model_copy(update={"horde_url": "http://127.0.0.1:9"})
     assert ready_to_start(local, plan)  # a local horde: any name will do
+
+
+def test_allow_controlnet_downloads_the_served_baselines_controlnets_and_annotators(tmp_path):
+    from controlnet import ControlNets
+    from models.cache import ModelCache
+
+    settings = {"cache_home": str(tmp_path), "dreamer": True, "force_cpu_generation": True,
+                "models_to_load": ["Deliberate"]}
+    off = build_config(settings, environ={}).config
+    on = build_config({**settings, "allow_controlnet": True}, environ={}).config
+    reference = load_reference(on, upstream=False)
+    plan = plan_worker(on, has_gpu=False, reference=reference)
+    plain = {r.name for r in weight_records(off, plan)}
+    extra = {r.name for r in weight_records(on, plan)} - plain
+    assert {"control_canny", "control_hough", "control_seg", "annotator_hed", "annotator_leres",
+            "annotator_midas", "annotator_openpose", "annotator_mlsd", "annotator_seg"} <= extra
+    assert not any(name.endswith("_sd2") or name.startswith("control_qr") for name in extra)
+    controlnets = ControlNets(reference=reference, cache=ModelCache(DevicePolicy.cpu(), ram_budget_bytes=0),
+                              device=DevicePolicy.cpu(), cache_home=tmp_path)
+    for name in extra:  # the downloader writes exactly where the ControlNet manager reads
+        record = reference.get(name)
+        assert {model_dir(tmp_path, record) / f.path for f in record.files} == set(controlnets.files(name))
+        assert all(path.is_relative_to(tmp_path / "controlnet") for path in controlnets.files(name))

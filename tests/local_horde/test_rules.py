@@ -88,7 +88,7 @@ def test_job_ttl_override() -> None:
             "post-processing",
         ),
         ({"params": small_params(loras=[{"name": "123"}])}, {}, "lora"),
-        ({"params": small_params(control_type="canny")}, {}, "controlnet"),
+        ({"params": small_params(control_type="canny"), "source_image": webp()}, {}, "controlnet"),
         ({"params": small_params(), "source_image": webp()}, {"allow_img2img": False}, "img2img"),
         (
             {"params": small_params(), "source_image": webp(), "source_processing": "inpainting"},
