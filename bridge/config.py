@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bridge.families import FAMILIES
+
 ANONYMOUS_API_KEY = "0000000000"
 BRIDGE_NAME = "horde-bridge-py"
 BRIDGE_VERSION = "0.1.0"
@@ -140,6 +142,8 @@ class BridgeConfig(BaseModel):
     disable_terminal_ui: bool = False
     stats_output_frequency: int = Field(30, ge=0)
     suppress_speed_warnings: bool = False
+    # Sharing between job families (bridge/scheduling.py): relative weights, a family left out weighs 1
+    family_shares: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FAMILIES, 1.0))
 
     @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
     @classmethod
@@ -156,6 +160,19 @@ class BridgeConfig(BaseModel):
         unknown = [form for form in value if form not in KNOWN_FORMS]
         if unknown:
             raise ValueError(f"unknown form(s) {unknown}; allowed: {', '.join(KNOWN_FORMS)}")
+        return value
+
+    @field_validator("family_shares")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [name for name in value if name not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown job famil{'ies' if len(unknown) > 1 else 'y'} {unknown}; "
+                             f"allowed: {', '.join(FAMILIES)}")
+        if any(not 0 <= share < float("inf") for share in value.values()):
+            raise ValueError("each share must be a number >= 0")
+        if not any(family_weights_of(value).values()):
+            raise ValueError("at least one family needs a share above 0")
         return value
 
     @field_validator("horde_url")
@@ -199,6 +216,15 @@ def bridge_agent_name(config: BridgeConfig) -> str:
 
 def is_anonymous(config: BridgeConfig) -> bool:
     return config.api_key.get_secret_value() == ANONYMOUS_API_KEY
+
+
+def family_weights_of(shares: Mapping[str, float]) -> dict[str, float]:
+    return {family: float(shares.get(family, 1.0)) for family in FAMILIES}
+
+
+def family_weights(config: BridgeConfig) -> dict[str, float]:
+    """Every family's share weight (a family the file leaves out weighs 1)."""
+    return family_weights_of(config.family_shares)
 
 
 def modes(config: BridgeConfig, *, has_gpu: bool) -> tuple[bool, bool]:

@@ -21,3 +21,4 @@ class Runtime:
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    cache: Any = None  # models.cache.ModelCache of every family: its budgets say what runs side by side

@@ -155,6 +155,7 @@ def build_worker(
     weights = weights_dir or Path(config.cache_home)
     names = dict(interrogator_models or {})
     runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
+    runtime.cache = cache
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []
     if plan.dreamer:

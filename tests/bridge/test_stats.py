@@ -34,7 +34,7 @@ def test_rates_means_and_faults_by_kind():
     assert snap.stage_means_s["inference"] == 1.5 and round(snap.stage_means_s["pop_wait"], 2) == 0.3
     line = stats.summary_line()
     assert "15.0 kudos (30/h" in line and "caption: 1" in line and "inference=1.50s" in line
-    assert render(stats, "t").row_count == 7
+    assert render(stats, "t").row_count == 7 + 2  # a row per family: generation, caption
 
 
 def test_reporter_logs_a_summary_on_exit(caplog):
