@@ -179,6 +179,12 @@ class RunSlots:
             return {name: {f: lane.count(f) for f in {t.family for t in lane.running}}
                     for name, lane in self._lanes.items() if lane.running}
 
+    def waiting(self) -> dict[str, dict[str, int]]:
+        """lane -> family -> jobs waiting there now."""
+        with self._cond:
+            return {name: {f: len(q) for f, q in lane.waiting.items() if q}
+                    for name, lane in self._lanes.items() if any(lane.waiting.values())}
+
     # ---- internals (callers hold self._cond) ------------------------------------------------------------
 
     def _weight(self, family: str) -> float:
