@@ -1,28 +1,48 @@
 """Fair shares between job families: queue places, run slots, device lanes (bridge/scheduling.py).
 
 The run-slot tests drive the real RunSlots from threads with a hand-turned clock: each job blocks inside
-its slot until the test lets it go, so the order of grants is exact. The daemon tests through the local
-horde are in tests/bridge/test_scheduling_daemon.py.
+its slot until the test lets it go, so the order of grants is exact. The daemon tests at the end run the
+real loop against the local horde with both families served (tiny SD generations and tiny nsfw forms); a
+ledger of when each job was ready, started and ended checks the order of the slots.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
+from bridge.config import build_config
+from bridge.daemon import Daemon, LoopTimings
 from bridge.families import ALCHEMY, GENERATION
-from bridge.jobs.base import ON_CPU, Placement
+from bridge.horde_api import HordeClient
+from bridge.jobs.alchemy import AlchemySource
+from bridge.jobs.base import ON_CPU, Job, Placement, bytes_on_disk
+from bridge.jobs.generation import GenerationSource
+from bridge.journal import Journal
+from bridge.retry import RetryPolicy
+from bridge.runtime import Runtime
 from bridge.scheduling import DeviceLanes, RunSlots, family_quotas, pop_capacity
+from bridge.sources import SourceFetcher
+from bridge.stats import Stats
+from local_horde import DEFAULT_API_KEY, LocalHorde
+from models.cache import ModelCache
 from models.device import DevicePolicy
+from tests.interrogators.helpers import cpu_cache, tiny_models_dir, tiny_set
 
 GEN, ALC = GENERATION, ALCHEMY
 EQUAL = {GEN: 1.0, ALC: 1.0}
 CARD = DevicePolicy(device=torch.device("cuda", 0), dtype=torch.float16, pin_memory=False)
 MIB = 1 << 20
+ANYWHERE = Placement()  # the worker's device, size unknown
 
 
 class Clock:
@@ -36,7 +56,7 @@ class Clock:
 class Runner(threading.Thread):
     """One job inside RunSlots.run: records when it got its slot and holds it until released."""
 
-    def __init__(self, slots: RunSlots, family: str, placement: Placement = Placement(), *,
+    def __init__(self, slots: RunSlots, family: str, placement: Placement = ANYWHERE, *,
                  log: list[str] | None = None, name: str = "") -> None:
         super().__init__(daemon=True)
         self.slots, self.family, self.placement = slots, family, placement
@@ -64,7 +84,7 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
-def enqueue(slots: RunSlots, family: str, placement: Placement = Placement(), **kw) -> Runner:
+def enqueue(slots: RunSlots, family: str, placement: Placement = ANYWHERE, **kw) -> Runner:
     """Start a job and return once it holds a slot or is queued (so the queue order is the call order)."""
     before = sum(n for lane in slots.waiting().values() for n in lane.values())
     runner = Runner(slots, family, placement, **kw)
@@ -157,7 +177,7 @@ def test_one_slot_is_shared_by_run_time(weights, expected):
         running = next(r for r in runners if r.granted.is_set() and not r.release.is_set())
         finish(running, clock, 3.0 if running.family == GEN else 0.5)
         done += 1
-        wait_until(lambda: len(log) > done)
+        wait_until(lambda done=done: len(log) > done)
     assert log[: len(expected)] == expected
     for runner in runners:
         runner.stop.set()
@@ -270,3 +290,230 @@ def test_device_lanes_read_the_model_caches_budget():
     assert lanes.budget_bytes("cuda:0") == 99
     cpu = DeviceLanes.of(SimpleNamespace(device=DevicePolicy.cpu(), cache=None))
     assert cpu.lane(Placement()) == "cpu" and not cpu.shares_memory("cpu") and cpu.budget_bytes("cpu") == 0
+
+
+# ---- the daemon, both families, through the local horde ----------------------------------------------------
+
+MODEL = "tiny-sd1"
+REGEN = "AI Horde Worker reGen:10.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
+GENERATION_PARAMS = {"width": 192, "height": 192, "steps": 4, "sampler_name": "k_euler", "seed": "3"}
+TOLERANCE_S = 0.05  # thread hand-over between a slot's grant and the ledger's clock read
+
+
+@dataclass
+class Span:
+    family: str
+    popped: float
+    ready: float  # prepared, asking for a slot
+    start: float
+    end: float
+    state: str = "ok"  # of its first submission
+
+
+class Ledger:
+    """Test instrumentation: every job's execute is timed (the job, loop and HTTP are the real ones)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.pops: dict[str, list[float]] = {GEN: [], ALC: []}
+        self.lock = threading.Lock()
+
+    def watch(self, family: str, jobs: list[Job]) -> list[Job]:
+        with self.lock:
+            self.pops[family].append(time.monotonic())
+        for job in jobs:
+            real = job.execute
+
+            def timed(runtime, real=real, job=job):
+                start = time.monotonic()
+                submissions = real(runtime)
+                span = Span(job.family, job.timings.popped_at, start - job.timings.queue_wait, start,
+                            time.monotonic(), submissions[0].state)
+                with self.lock:
+                    self.spans.append(span)
+                return submissions
+
+            job.execute = timed
+        return jobs
+
+    def of(self, family: str) -> list[Span]:
+        return [s for s in self.spans if s.family == family]
+
+    def running(self, family: str, at: float) -> int:
+        return sum(s.start <= at < s.end for s in self.of(family))
+
+    def overtaken(self, family: str, share: int) -> list[tuple[Span, Span]]:
+        """Jobs of `family` that waited while a job of another family started although `family` ran fewer
+        than `share` jobs at that moment."""
+        return [(mine, other) for mine in self.of(family) for other in self.spans
+                if other.family != family and self.running(family, other.start) < share
+                and mine.ready + TOLERANCE_S < other.start < mine.start - TOLERANCE_S]
+
+
+class WatchedGeneration(GenerationSource):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def pop(self, client, runtime, capacity):
+        return self.ledger.watch(self.family, super().pop(client, runtime, capacity))
+
+
+class WatchedAlchemy(AlchemySource):
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    def pop(self, client, runtime, capacity):
+        return self.ledger.watch(self.family, super().pop(client, runtime, capacity))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """Tiny SD1 (single file, loaded by the real ModelManager) and the tiny nsfw checker, one torch thread
+    (microsecond ops on a shared 2-core machine otherwise wait on descheduled OpenMP threads)."""
+    from models.manager import ModelManager
+    from models.reference import ModelReference
+    from models.tiny import build_tiny_models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.getbasetemp() / "tiny-sd"
+    reference_json = build_tiny_models(root)
+    reference = ModelReference.load(cache_dir=root / "ref-cache", upstream=None, extra_files=[reference_json])
+    cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=1 << 30)
+    manager = ModelManager(reference=reference, cache=cache, device=DevicePolicy.cpu(),
+                           cache_home=root / "home", models=[MODEL])
+    interrogators = tiny_set(tiny_models_dir(tmp_path_factory), cpu_cache(), forms=("nsfw",))
+    interrogators.warm()
+    record = manager.record(MODEL)
+    generation_bytes = bytes_on_disk(manager.files_dir(MODEL) / f.path for f in record.files)
+    yield SimpleNamespace(manager=manager, interrogators=interrogators, cache=cache,
+                          generation_bytes=generation_bytes,
+                          form_bytes=bytes_on_disk([Path(interrogators.nsfw.folder)]))
+    torch.set_num_threads(threads)
+
+
+def webp() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), "teal").save(buffer, format="WEBP")
+    return buffer.getvalue()
+
+
+def start(horde: LocalHorde, served, tmp_path: Path, ledger: Ledger, *, devices=None, **settings):
+    config = build_config({"dreamer_name": "fair-dreamer", "alchemist_name": "fair-alchemist",
+                           "forms": ["nsfw"], "bridge_agent": REGEN, "max_threads": 1, "queue_size": 1,
+                           **settings}, environ={}).config
+    runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=2.0),
+                      models=served.manager, interrogators=served.interrogators, cache=served.cache)
+    client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="test:1:none", timeout=5.0,
+                         retry=RetryPolicy(base_delay=0.01, max_delay=0.05))
+    sources = [WatchedGeneration(ledger), WatchedAlchemy(ledger)]
+    daemon = Daemon(client=client, runtime=runtime, sources=sources,
+                    journal=Journal(tmp_path / "inflight.json"), stats=Stats(), devices=devices,
+                    timings=LoopTimings(idle_poll_s=0.05, error_poll_s=0.05))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    return daemon, thread
+
+
+def stop(daemon: Daemon, thread: threading.Thread) -> None:
+    daemon.request_stop("test")
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def generations(horde: LocalHorde, count: int, tag: str = "") -> list[str]:
+    return [horde.request_generation(GENERATION_PARAMS, models=[MODEL], prompt=f"a boat {tag}{i}")
+            for i in range(count)]
+
+
+def forms_every(horde: LocalHorde, url: str, count: int, every_s: float) -> list[tuple[float, str]]:
+    asked = []
+    for _ in range(count):
+        asked.append((time.monotonic(), horde.request_interrogation(url, ["nsfw"])))
+        time.sleep(every_s)
+    return asked
+
+
+def test_forms_are_served_within_their_expiry_while_the_generation_queue_stays_full(served, tmp_path):
+    ledger = Ledger()
+    with LocalHorde(known_models=[MODEL], form_ttl=3.0) as horde:
+        url = horde.host_image(webp(), "form.webp")
+        backlog = generations(horde, 14)  # about 4 s of work, always more than the queue holds
+        daemon, thread = start(horde, served, tmp_path, ledger)
+        time.sleep(0.5)
+        asked = forms_every(horde, url, 5, 0.3)
+        done = horde.wait_done([rid for _, rid in asked], timeout=20)
+        served_at = time.monotonic()
+        still_queued = [rid for rid in backlog if not horde.is_done(rid)[0]]
+        horde.wait_done(backlog, timeout=60)
+        stop(daemon, thread)
+        books = horde.accounting()
+    assert all(status["state"] == "done" for status in done.values())
+    assert still_queued, "the generation backlog ran out before the forms were served: nothing was tested"
+    assert served_at - asked[-1][0] < 3.0
+    assert not books.requeues and books.unfinished() == []  # no form expired, nothing lost
+    assert all(len(submits) == 1 for submits in books.submits.values())
+    # A form never waited behind a generation that started after it was ready.
+    assert ledger.overtaken(ALC, share=1) == []
+    longest = max(s.end - s.start for s in ledger.of(GEN))
+    assert max(s.start - s.ready for s in ledger.of(ALC)) < longest + TOLERANCE_S
+    # Alchemy was asked for work all along, not only once the images were done.
+    pops = ledger.pops[ALC]
+    assert max(b - a for a, b in zip(pops, pops[1:], strict=False)) < longest + 1.0
+    snap = daemon.stats.snapshot()
+    assert snap.families[ALC].submits == 5 and snap.families[GEN].submits == 14
+    assert snap.families[ALC].kudos > 0 and snap.families[GEN].kudos > 0
+
+
+def test_each_familys_share_holds_and_an_idle_family_lends_its_slots(served, tmp_path):
+    ledger = Ledger()
+    with LocalHorde(known_models=[MODEL]) as horde:
+        url = horde.host_image(webp(), "form.webp")
+        alone = generations(horde, 6, "alone ")
+        daemon, thread = start(horde, served, tmp_path, ledger, max_threads=2, queue_size=1)
+        horde.wait_done(alone, timeout=60)
+        lent = list(ledger.of(GEN))
+        mixed = generations(horde, 8, "mixed ")
+        asked = forms_every(horde, url, 30, 0.02)
+        horde.wait_done(mixed + [rid for _, rid in asked], timeout=60)
+        stop(daemon, thread)
+    # Alchemy idle: generation ran on both slots, and popped ahead into alchemy's places (3 > its quota 1).
+    assert any(a.start < b.start < a.end for a in lent for b in lent if a is not b)
+    assert max(sum(s.popped <= t < s.end for s in lent) for t in (s.popped for s in lent)) == 3
+    # Both busy: a job of one family never started while the other waited below its share (one slot).
+    assert ledger.overtaken(ALC, share=1) == []
+    assert ledger.overtaken(GEN, share=1) == []
+    assert len(ledger.of(ALC)) == 30
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_on_a_card_forms_that_fit_beside_run_during_the_generation(served, tmp_path, fits):
+    """The device policy is injected: a CUDA card whose budget holds the generation's model and the form's
+    together, or only the generation's. The jobs themselves compute on this machine's CPU."""
+    card = DevicePolicy(device=torch.device("cuda", 0), dtype=torch.float16, pin_memory=False)
+    budget = served.generation_bytes + (served.form_bytes if fits else 0)
+    ledger = Ledger()
+    with LocalHorde(known_models=[MODEL]) as horde:
+        url = horde.host_image(webp(), "form.webp")
+        backlog = generations(horde, 8)
+        broken = horde.request_interrogation(horde.host_image(b"not an image", "broken.webp"), ["nsfw"])
+        daemon, thread = start(horde, served, tmp_path, ledger,
+                               devices=DeviceLanes(card, lambda: budget))
+        time.sleep(0.5)
+        asked = forms_every(horde, url, 4, 0.3)
+        horde.wait_done([broken, *backlog, *(rid for _, rid in asked)], timeout=60)
+        stop(daemon, thread)
+    gens = ledger.of(GEN)
+    forms = [f for f in ledger.of(ALC) if f.state == "ok"]
+    faulting = [f for f in ledger.of(ALC) if f.state == "faulted"]
+    # The unreadable form computes nothing: it goes on the CPU lane and never waits for the card's slot
+    # (the horde hands it out again after each faulted submit, up to its abort limit).
+    assert faulting and max(f.start - f.ready for f in faulting) < TOLERANCE_S
+    beside = [f for f in forms if any(g.start < f.start < g.end for g in gens)]
+    if fits:
+        assert len(beside) >= 3, "forms that fit in VRAM beside the generation run at once"
+        assert max(f.start - f.ready for f in beside) < TOLERANCE_S
+    else:
+        assert beside == []
+        assert ledger.overtaken(ALC, share=1) == []
