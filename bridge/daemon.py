@@ -3,10 +3,11 @@
 Each popped job gets a daemon thread that prepares it at once (source downloads overlap with the jobs
 running now), waits for a run slot on its device lane, executes, and hands its submissions to the sender
 threads so the next job starts at once. Popping stops when `max_threads + queue_size` jobs are waiting or
-running. The job families (generation, alchemy) share the slots and the queue by their `family_shares`,
-every family that is on is popped each round, and an idle family lends its share (bridge/scheduling.py);
-the loop knows a family only as the key its sources and jobs declare. Every popped id ends in exactly one
-submit or a logged drop: the journal arbitrates.
+running. The job families (generation, alchemy) share the slots and those places by their `family_shares`:
+every family that is on is popped each round, an idle family lends its share, and a family that comes back
+pops its own share at once (briefly going over the limit by what it lent) (bridge/scheduling.py). The loop
+knows a family only as the key its sources and jobs declare. Every popped id ends in exactly one submit or
+a logged drop: the journal arbitrates.
 
 Shutdown: the first request_stop() (SIGINT/SIGTERM) stops popping and lets everything in flight finish and
 submit (warm); the second faults every unsubmitted id back to the horde and returns (cold).
