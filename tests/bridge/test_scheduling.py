@@ -313,8 +313,10 @@ class Span:
 class Ledger:
     """Test instrumentation: every job's execute is timed (the job, loop and HTTP are the real ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gates: dict[str, threading.Event] | None = None) -> None:
+        self.gates = gates or {}  # family -> event its jobs wait for, holding their slot, before running
         self.spans: list[Span] = []
+        self.starts: list[tuple[str, float]] = []
         self.pops: dict[str, list[float]] = {GEN: [], ALC: []}
         self.lock = threading.Lock()
 
@@ -326,6 +328,10 @@ class Ledger:
 
             def timed(runtime, real=real, job=job):
                 start = time.monotonic()
+                with self.lock:
+                    self.starts.append((job.family, start))
+                if job.family in self.gates:
+                    self.gates[job.family].wait(20)
                 submissions = real(runtime)
                 span = Span(job.family, job.timings.popped_at, start - job.timings.queue_wait, start,
                             time.monotonic(), submissions[0].state)
@@ -335,6 +341,11 @@ class Ledger:
 
             job.execute = timed
         return jobs
+
+    def next_start(self, family: str, timeout: float = 20.0) -> None:
+        """Wait until a job of `family` starts (after the call)."""
+        seen = sum(f == family for f, _ in self.starts)
+        wait_until(lambda: sum(f == family for f, _ in self.starts) > seen, timeout)
 
     def of(self, family: str) -> list[Span]:
         return [s for s in self.spans if s.family == family]
@@ -422,9 +433,8 @@ def stop(daemon: Daemon, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
-def generations(horde: LocalHorde, count: int, tag: str = "") -> list[str]:
-    return [horde.request_generation(GENERATION_PARAMS, models=[MODEL], prompt=f"a boat {tag}{i}")
-            for i in range(count)]
+def generations(horde: LocalHorde, count: int, tag: str = "", params=GENERATION_PARAMS) -> list[str]:
+    return [horde.request_generation(params, models=[MODEL], prompt=f"a boat {tag}{i}") for i in range(count)]
 
 
 def forms_every(horde: LocalHorde, url: str, count: int, every_s: float) -> list[tuple[float, str]]:
@@ -439,18 +449,18 @@ def test_forms_are_served_within_their_expiry_while_the_generation_queue_stays_f
     ledger = Ledger()
     with LocalHorde(known_models=[MODEL], form_ttl=3.0) as horde:
         url = horde.host_image(webp(), "form.webp")
-        backlog = generations(horde, 14)  # about 4 s of work, always more than the queue holds
+        backlog = generations(horde, 20)  # several seconds of work, always more than the queue holds
         daemon, thread = start(horde, served, tmp_path, ledger)
-        time.sleep(0.5)
+        time.sleep(0.3)
         asked = forms_every(horde, url, 5, 0.3)
         done = horde.wait_done([rid for _, rid in asked], timeout=20)
         served_at = time.monotonic()
-        still_queued = [rid for rid in backlog if not horde.is_done(rid)[0]]
         horde.wait_done(backlog, timeout=60)
         stop(daemon, thread)
         books = horde.accounting()
     assert all(status["state"] == "done" for status in done.values())
-    assert still_queued, "the generation backlog ran out before the forms were served: nothing was tested"
+    last_generation = max(s.start for s in ledger.of(GEN))
+    assert max(s.end for s in ledger.of(ALC)) < last_generation, "forms waited for the generation backlog"
     assert served_at - asked[-1][0] < 3.0
     assert not books.requeues and books.unfinished() == []  # no form expired, nothing lost
     assert all(len(submits) == 1 for submits in books.submits.values())
@@ -462,7 +472,7 @@ def test_forms_are_served_within_their_expiry_while_the_generation_queue_stays_f
     pops = ledger.pops[ALC]
     assert max(b - a for a, b in zip(pops, pops[1:], strict=False)) < longest + 1.0
     snap = daemon.stats.snapshot()
-    assert snap.families[ALC].submits == 5 and snap.families[GEN].submits == 14
+    assert snap.families[ALC].submits == 5 and snap.families[GEN].submits == 20
     assert snap.families[ALC].kudos > 0 and snap.families[GEN].kudos > 0
 
 
@@ -494,30 +504,37 @@ def test_each_familys_share_holds_and_an_idle_family_lends_its_slots(served, tmp
 @pytest.mark.parametrize("fits", [True, False])
 def test_on_a_card_forms_that_fit_beside_run_during_the_generation(served, tmp_path, fits):
     """The device policy is injected: a CUDA card whose budget holds the generation's model and the form's
-    together, or only the generation's. The jobs themselves compute on this machine's CPU."""
+    together, or only the generation's. The jobs themselves compute on this machine's CPU; each generation
+    holds its slot until the test opens the gate."""
     card = DevicePolicy(device=torch.device("cuda", 0), dtype=torch.float16, pin_memory=False)
     budget = served.generation_bytes + (served.form_bytes if fits else 0)
-    ledger = Ledger()
+    gate = threading.Event()
+    ledger = Ledger(gates={GEN: gate})
     with LocalHorde(known_models=[MODEL]) as horde:
         url = horde.host_image(webp(), "form.webp")
-        backlog = generations(horde, 8)
+        backlog = generations(horde, 3)
+        daemon, thread = start(horde, served, tmp_path, ledger, devices=DeviceLanes(card, lambda: budget))
+        ledger.next_start(GEN)  # the first generation holds the card's one slot
+        # A form that will only fault (unreadable source) computes nothing: it goes on the CPU lane, never
+        # waits for the card (the horde hands it out again after each faulted submit, up to its limit).
         broken = horde.request_interrogation(horde.host_image(b"not an image", "broken.webp"), ["nsfw"])
-        daemon, thread = start(horde, served, tmp_path, ledger,
-                               devices=DeviceLanes(card, lambda: budget))
-        time.sleep(0.5)
-        asked = forms_every(horde, url, 4, 0.3)
-        horde.wait_done([broken, *backlog, *(rid for _, rid in asked)], timeout=60)
+        horde.wait_done([broken], timeout=20)
+        forms = [horde.request_interrogation(url, ["nsfw"]) for _ in range(2)]
+        if fits:  # both forms ran beside the generation, one after the other
+            horde.wait_done(forms, timeout=20)
+        else:  # they wait for the slot
+            time.sleep(0.5)
+            assert not any(horde.is_done(rid)[0] for rid in forms)
+        assert not gate.is_set() and len(ledger.of(GEN)) == 0
+        gate.set()
+        horde.wait_done([*backlog, *forms], timeout=60)
         stop(daemon, thread)
-    gens = ledger.of(GEN)
-    forms = [f for f in ledger.of(ALC) if f.state == "ok"]
-    faulting = [f for f in ledger.of(ALC) if f.state == "faulted"]
-    # The unreadable form computes nothing: it goes on the CPU lane and never waits for the card's slot
-    # (the horde hands it out again after each faulted submit, up to its abort limit).
-    assert faulting and max(f.start - f.ready for f in faulting) < TOLERANCE_S
-    beside = [f for f in forms if any(g.start < f.start < g.end for g in gens)]
+    first = min(ledger.of(GEN), key=lambda s: s.start)
+    served_forms = [f for f in ledger.of(ALC) if f.state == "ok"]
+    assert len(served_forms) == 2
     if fits:
-        assert len(beside) >= 3, "forms that fit in VRAM beside the generation run at once"
-        assert max(f.start - f.ready for f in beside) < TOLERANCE_S
+        assert all(first.start < f.start < first.end for f in served_forms)
+        assert all(f.start - f.ready < TOLERANCE_S for f in served_forms)
     else:
-        assert beside == []
-        assert ledger.overtaken(ALC, share=1) == []
+        assert all(f.start > first.end - TOLERANCE_S for f in served_forms)
+        assert ledger.overtaken(ALC, share=1) == []  # and behind nothing but that generation
