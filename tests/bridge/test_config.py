@@ -18,6 +18,7 @@ from bridge.config import (
     api_base,
     build_config,
     dreamer_name,
+    family_weights,
     load_config,
     max_pixels,
     modes,
@@ -209,3 +210,17 @@ def test_check_config_with_bad_value_exits_nonzero_with_one_line(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "max_threads" in lines[0]
+
+
+def test_family_shares_default_to_equal_and_name_only_known_families():
+    assert family_weights(build_config({}, environ={}).config) == {"generation": 1.0, "alchemy": 1.0}
+    partial = build_config({"family_shares": {"alchemy": 0.25}}, environ={}).config
+    assert family_weights(partial) == {"generation": 1.0, "alchemy": 0.25}  # a family left out weighs 1
+    env = build_config({}, environ={"HORDE_FAMILY_SHARES": "{generation: 3}"}).config
+    assert family_weights(env)["generation"] == 3.0
+    for bad, says in [({"dreams": 1}, "unknown job family ['dreams']; allowed: generation, alchemy"),
+                      ({"alchemy": -1}, "each share must be a number >= 0"),
+                      ({"alchemy": 0, "generation": 0}, "at least one family needs a share above 0")]:
+        with pytest.raises(ConfigError) as caught:
+            build_config({"family_shares": bad}, environ={})
+        assert caught.value.lines[0].startswith("family_shares") and says in caught.value.lines[0]
