@@ -139,7 +139,7 @@ class JobSource(abc.ABC):
     """Pops jobs of one family (image generation, alchemy) for the loop."""
 
     name: ClassVar[str] = "source"
-    family: ClassVar[str] = "source"  # the family of the jobs it pops (bridge/families.py)
+    family: ClassVar[str] = "job"  # the family of the jobs it pops (bridge/families.py): as Job.family
 
     @abc.abstractmethod
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
