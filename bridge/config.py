@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.peer_keys import MAPPED_KEYS, PEER_KEYS_WITHOUT_EFFECT
+from bridge.families import FAMILIES
 
 ANONYMOUS_API_KEY = "0000000000"
 BRIDGE_NAME = "horde-bridge-py"
@@ -160,6 +161,8 @@ class BridgeConfig(BaseModel):
     caption_model: str | None = None
     clip_model: str | None = None
     nsfw_model: str | None = None
+    # Sharing between job families (bridge/scheduling.py): relative weights, a family left out weighs 1
+    family_shares: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FAMILIES, 1.0))
 
     @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
     @classmethod
@@ -191,6 +194,19 @@ class BridgeConfig(BaseModel):
             allowed = ", ".join((*KNOWN_FORMS, POST_PROCESS_ALIAS))
             raise ValueError(f"unknown form(s) {unknown}; allowed: {allowed}")
         return list(dict.fromkeys(forms))
+
+    @field_validator("family_shares")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [name for name in value if name not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown job famil{'ies' if len(unknown) > 1 else 'y'} {unknown}; "
+                             f"allowed: {', '.join(FAMILIES)}")
+        if any(not 0 <= share < float("inf") for share in value.values()):
+            raise ValueError("each share must be a number >= 0")
+        if not any(family_weights_of(value).values()):
+            raise ValueError("at least one family needs a share above 0")
+        return value
 
     @field_validator("horde_url")
     @classmethod
@@ -237,6 +253,15 @@ def bridge_agent_name(config: BridgeConfig) -> str:
 
 def is_anonymous(config: BridgeConfig) -> bool:
     return config.api_key.get_secret_value() == ANONYMOUS_API_KEY
+
+
+def family_weights_of(shares: Mapping[str, float]) -> dict[str, float]:
+    return {family: float(shares.get(family, 1.0)) for family in FAMILIES}
+
+
+def family_weights(config: BridgeConfig) -> dict[str, float]:
+    """Every family's share weight (a family the file leaves out weighs 1)."""
+    return family_weights_of(config.family_shares)
 
 
 def modes(config: BridgeConfig, *, has_gpu: bool) -> tuple[bool, bool]:

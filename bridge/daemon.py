@@ -1,9 +1,13 @@
 """The one poll / prepare / execute / send loop, for every job kind.
 
 Each popped job gets a daemon thread that prepares it at once (source downloads overlap with the jobs
-running now), waits for one of `max_threads` run slots, executes, and hands its submissions to the sender
+running now), waits for a run slot on its device lane, executes, and hands its submissions to the sender
 threads so the next job starts at once. Popping stops when `max_threads + queue_size` jobs are waiting or
-running. Every popped id ends in exactly one submit or a logged drop: the journal arbitrates.
+running. The job families (generation, alchemy) share the slots and those places by their `family_shares`:
+every family that is on is popped each round, an idle family lends its share, and a family that comes back
+pops its own share at once (briefly going over the limit by what it lent) (bridge/scheduling.py). The loop
+knows a family only as the key its sources and jobs declare. Every popped id ends in exactly one submit or
+a logged drop: the journal arbitrates.
 
 Shutdown: the first request_stop() (SIGINT/SIGTERM) stops popping and lets everything in flight finish and
 submit (warm); the second faults every unsubmitted id back to the horde and returns (cold).
@@ -15,15 +19,18 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
-from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError
+from bridge.config import family_weights
+from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError, already_delivered
 from bridge.horde_api import HordeClient
-from bridge.jobs.base import Job, JobSource, Submission
-from bridge.journal import ALCHEMY, GENERATION, Journal
+from bridge.jobs.base import Job, JobSource, Placement, Submission
+from bridge.journal import GENERATION, Journal
 from bridge.runtime import Runtime
+from bridge.scheduling import DeviceLanes, Devices, RunSlots, family_quotas, pop_capacity
 from bridge.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ class LoopTimings:
 
 
 def family_of(job: Job) -> str:
-    return GENERATION if job.kind == "generation" else ALCHEMY
+    return job.family
 
 
 class Daemon:
@@ -56,6 +63,7 @@ class Daemon:
         journal: Journal,
         stats: Stats | None = None,
         timings: LoopTimings = LoopTimings(),
+        devices: Devices | None = None,
     ):
         self.client = client
         self.runtime = runtime
@@ -65,10 +73,15 @@ class Daemon:
         self.timings = timings
         config = runtime.config
         self._capacity = config.max_threads + config.queue_size
-        self._run_slots = threading.BoundedSemaphore(config.max_threads)
+        weights = family_weights(config)
+        self._quotas = family_quotas(weights, (s.family for s in self.sources), self._capacity)
+        self._slots = RunSlots(config.max_threads, weights, devices or DeviceLanes.of(runtime))
         self._wake = threading.Event()  # interrupts every wait of the loop
         self._state = threading.Condition()
         self._waiting = 0  # popped, not yet executed
+        self._in_flight: Counter[str] = Counter()  # the same, per family
+        self._found_work: dict[str, bool] = {}  # family -> whether its last pop brought jobs
+        self._rounds = 0
         self._unsent: dict[int, int] = {}  # id(job) -> submissions not yet sent
         self._outbox: queue.Queue[tuple[Job, Submission] | None] = queue.Queue()
         self._stop_requests = 0
@@ -99,6 +112,7 @@ class Daemon:
         self._wake.set()
         with self._state:
             self._state.notify_all()
+        self._slots.interrupt()
 
     # ---- the loop -----------------------------------------------------------------------------------------
 
@@ -114,11 +128,10 @@ class Daemon:
             if paused_for > 0:
                 self._wait(paused_for)
                 continue
-            free = self._free_capacity()
-            if free <= 0:
+            if not self._any_capacity():
                 self._wait_for_capacity()
                 continue
-            popped = self._pop_round(free)
+            popped = self._pop_round()
             if not popped and not self.stopping:
                 self._wait(self.timings.idle_poll_s)
         self._drain()
@@ -129,14 +142,19 @@ class Daemon:
                 thread.join()
         return 2 if self.stop_reason else 0
 
-    def _pop_round(self, free: int) -> int:
+    def _pop_round(self) -> int:
+        """One pop per ready source with room, each round starting with the next source: no family waits
+        for another's pops."""
         popped = 0
-        for source in self.sources:
-            if self.stopping or free - popped <= 0 or not source.ready(self.runtime):
+        self._rounds += 1
+        turn = self._rounds % max(1, len(self.sources))
+        for source in self.sources[turn:] + self.sources[:turn]:
+            free = self._pop_capacity(source.family)
+            if self.stopping or free <= 0 or not self._ready(source):
                 continue
             try:
                 asked = time.monotonic()
-                jobs = source.pop(self.client, self.runtime, free - popped)
+                jobs = source.pop(self.client, self.runtime, free)
                 for job in jobs:
                     job.timings.pop_wait = time.monotonic() - asked
             except MaintenanceError as err:
@@ -158,15 +176,23 @@ class Daemon:
                 self._wait(self.timings.error_poll_s)
                 continue
             self._maintenance_warned = False
+            self._found_work[source.family] = bool(jobs)
             for job in jobs:
                 self._start(job)
             popped += len(jobs)
         return popped
 
+    def _ready(self, source: JobSource) -> bool:
+        if source.ready(self.runtime):
+            return True
+        self._found_work[source.family] = False  # nothing it could serve: its places are free to lend
+        return False
+
     def _start(self, job: Job) -> None:
-        self.journal.add(job.ids, family_of(job))
+        self.journal.add(job.ids, job.family)
         with self._state:
             self._waiting += 1
+            self._in_flight[job.family] += 1
             self.stats.in_flight = self._waiting
         log.info("popped %s", job.describe())
         thread = threading.Thread(target=self._process, args=(job,), name=f"job-{job.ids[0][:8]}",
@@ -181,6 +207,7 @@ class Daemon:
         finally:
             with self._state:
                 self._waiting -= 1
+                self._in_flight[job.family] -= 1
                 self.stats.in_flight = self._waiting
                 self._state.notify_all()
             self._wake.set()
@@ -195,8 +222,9 @@ class Daemon:
             started = time.monotonic()
             job.prepare(self.runtime)
             job.timings.source_download = time.monotonic() - started
+            placement = self._placement(job)
             queued = time.monotonic()
-            with self._run_slots:
+            with self._slots.run(job.family, placement, stop=lambda: self.cold):
                 job.timings.queue_wait = time.monotonic() - queued
                 if self.cold:
                     return job.fault("the worker shut down before this job ran")
@@ -209,6 +237,13 @@ class Daemon:
             log.exception("%s failed: %s", job.describe(), err)
             return self._safe_fault(job, f"{type(err).__name__}: {err}"[:250])
 
+    def _placement(self, job: Job) -> Placement:
+        try:
+            return job.placement(self.runtime)
+        except Exception:  # a wrong estimate must not cost the job: it just runs in a slot
+            log.exception("%s: placement failed; it waits for a slot on the worker's device", job.describe())
+            return Placement()
+
     def _safe_fault(self, job: Job, reason: str) -> list[Submission]:
         """job.fault(), or, if even that is broken, hand the ids back without the job object."""
         try:
@@ -219,7 +254,7 @@ class Daemon:
             for job_id in job.ids:
                 if self.journal.claim(job_id):
                     try:
-                        fault_orphan(self.client, job_id, family_of(job), reason)
+                        fault_orphan(self.client, job_id, job.family, reason)
                     except HordeError as err:
                         log.warning("could not fault %s back (%s)", job_id[:8], err)
                     self.journal.finish(job_id)
@@ -256,18 +291,26 @@ class Daemon:
         started = time.monotonic()
         try:
             reward = job.send(self.client, submission)
-            self.stats.submitted(job.kind, submission.state, reward)
+            self.stats.submitted(job.family, submission.state, reward)
             log.info("submitted %s %s: %s, %.2f kudos", job.kind, submission.job_id[:8], submission.state,
                      reward)
         except HordeError as err:
-            if err.policy is Policy.FAULT and submission.state != "faulted":
+            if already_delivered(err):
+                # A faulted submit earns nothing; any other's reward was in the answer that was lost.
+                reward = 0.0 if submission.state == "faulted" else None
+                self.stats.submitted(job.family, submission.state, reward)
+                log.info("submitted %s %s: %s; the horde's answer was lost and the retry met %s, so the "
+                         "horde has it: delivered, reward unknown", job.kind, submission.job_id[:8],
+                         submission.state, err.rc)
+            elif err.policy is Policy.FAULT and submission.state != "faulted":
                 log.warning("submit of %s refused (%s): submitting it as faulted", submission.job_id[:8], err)
                 self._send(job, job.fault(f"submit refused: {err}"[:250])[job.ids.index(submission.job_id)])
                 return
-            self.stats.dropped(job.kind)
-            log.warning("dropped %s %s: %s", job.kind, submission.job_id[:8], err)
+            else:
+                self.stats.dropped(job.family)
+                log.warning("dropped %s %s: %s", job.kind, submission.job_id[:8], err)
         except Exception:
-            self.stats.dropped(job.kind)
+            self.stats.dropped(job.family)
             log.exception("dropped %s %s: sending raised", job.kind, submission.job_id[:8])
         job.timings.submit += time.monotonic() - started
         self.journal.finish(submission.job_id)
@@ -277,7 +320,7 @@ class Daemon:
             if finished:
                 del self._unsent[id(job)]
         if finished:
-            self.stats.job_finished(job.kind, job.describe(), job.timings)
+            self.stats.job_finished(job.family, job.describe(), job.timings)
 
     # ---- shutdown and recovery ----------------------------------------------------------------------------
 
@@ -315,13 +358,18 @@ class Daemon:
 
     # ---- waits --------------------------------------------------------------------------------------------
 
-    def _free_capacity(self) -> int:
+    def _pop_capacity(self, family: str) -> int:
         with self._state:
-            return self._capacity - self._waiting
+            busy = {f: self._in_flight[f] > 0 or self._found_work.get(f, False) for f in self._quotas}
+            return pop_capacity(family, quotas=self._quotas, in_flight=self._in_flight, busy=busy,
+                                places=self._capacity)
+
+    def _any_capacity(self) -> bool:
+        return any(self._pop_capacity(source.family) > 0 for source in self.sources)
 
     def _wait_for_capacity(self) -> None:
         with self._state:
-            self._state.wait_for(lambda: self._waiting < self._capacity or self.stopping, timeout=1.0)
+            self._state.wait_for(lambda: self._any_capacity() or self.stopping, timeout=1.0)
 
     def _wait(self, seconds: float) -> None:
         self._wake.clear()

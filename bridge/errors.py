@@ -14,6 +14,10 @@ The daemon never looks at HTTP codes or `rc` strings; it looks at the policy of 
 Endpoint kinds: ``pop`` (generate/pop, interrogate/pop), ``submit`` (generate/submit, interrogate/submit),
 ``upload`` (the R2 PUT), anything else is ``other`` (find_user, workers, stats, heartbeat).
 
+A retried call's final error carries the errors of its earlier attempts (`earlier`). A submit that meets
+DuplicateGen after an attempt whose answer never came (no reply, a 5xx, a garbled 2xx) was delivered by
+that attempt: `already_delivered` says so, and the worker counts it delivered with its reward unknown.
+
 | status | rc / body | endpoint | policy |
 |---|---|---|---|
 | none (timeout, connection error, dropped) | - | any | RETRY |
@@ -62,6 +66,8 @@ class HordeError(Exception):
     """A failed horde (or R2) request. `policy` is a property of the class, never of the instance."""
 
     policy: ClassVar[Policy] = Policy.DROP
+    # The errors of the attempts before this one, when the one retry policy retried the call.
+    earlier: tuple[HordeError, ...] = ()
 
     def __init__(
         self,
@@ -228,6 +234,22 @@ def classify(
             message = f"{message} -> {advice}"
     return _CLASS_OF[policy](
         message, status=status, rc=rc, endpoint=endpoint, errors=errors, retry_after=retry_after
+    )
+
+
+def outcome_unknown(error: HordeError) -> bool:
+    """Whether the server may have acted on the request although we saw no success: no answer at all, a 5xx
+    (a proxy may answer it after the horde did the work), or a 2xx we could not read."""
+    return error.status is None or error.status >= 500 or 200 <= error.status < 300
+
+
+def already_delivered(error: HordeError) -> bool:
+    """A submit refused as already submitted (DuplicateGen) after an earlier attempt of the same call whose
+    answer was lost: that attempt was accepted. Its reward is unknown (it was in the lost answer)."""
+    return (
+        error.rc == "DuplicateGen"
+        and endpoint_kind(error.endpoint) == "submit"
+        and any(outcome_unknown(e) for e in error.earlier)
     )
 
 

@@ -16,10 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from bridge.families import ALCHEMY, GENERATION
 
-GENERATION = "generation"
-ALCHEMY = "alchemy"
+__all__ = ["ALCHEMY", "GENERATION", "Journal"]
+
+log = logging.getLogger(__name__)
 
 
 class Journal:

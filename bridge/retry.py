@@ -57,15 +57,19 @@ class RetryPolicy:
         """Run `fn`; retry it while it raises a RETRY-policy HordeError and the budget lasts.
 
         Raises the last error once attempts or elapsed time run out, or at once when cancelled. Errors of
-        any other policy pass straight through.
+        any other policy pass straight through. The raised error carries the earlier attempts' errors
+        (`earlier`): a DuplicateGen after a lost answer means the lost attempt was accepted.
         """
         start = self.clock()
         attempt = 0
+        failed: list[HordeError] = []
         while True:
             attempt += 1
             try:
                 return fn()
             except HordeError as exc:
+                exc.earlier = tuple(failed)
+                failed.append(exc)
                 if exc.policy is not Policy.RETRY:
                     raise
                 delay = self.delay(attempt, exc.retry_after)

@@ -22,3 +22,4 @@ class Runtime:
     interrogators: Any = None  # interrogators.InterrogatorSet
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
     controlnets: Any = None  # controlnet.ControlNets: None unless allow_controlnet
+    cache: Any = None  # models.cache.ModelCache of every family: its budgets say what runs side by side

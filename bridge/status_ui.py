@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
-from bridge.stats import Stats
+from bridge.stats import Stats, family_line
 
 log = logging.getLogger("bridge.stats")
 
@@ -48,6 +48,10 @@ def render(stats: Stats, title: str):
     table.add_row("kudos", f"{snap.kudos:.1f} ({snap.kudos_per_hour:.0f}/h)")
     table.add_row("jobs/hour", f"{snap.jobs_per_hour:.0f}")
     table.add_row("faulted / dropped", f"{snap.faulted} / {snap.dropped}")
+    if snap.reward_unknown:
+        table.add_row("reward unknown", f"{snap.reward_unknown} delivered, the horde's answer lost")
+    for name, family in snap.families.items():
+        table.add_row(name, family_line(family))
     table.add_row("in flight", str(snap.in_flight))
     table.add_row("last job", snap.last_job or "-")
     return table

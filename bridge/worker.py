@@ -197,6 +197,7 @@ def build_worker(
              if (value := getattr(config, key)) is not None}
     names.update(interrogator_models or {})
     runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
+    runtime.cache = cache
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []
     if plan.dreamer:

@@ -13,13 +13,15 @@ import abc
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
+from bridge.families import ALCHEMY
 from bridge.images import RESULT_QUALITY, encode_webp
-from bridge.jobs.base import Job, JobSource, Submission
+from bridge.jobs.base import ON_CPU, Job, JobSource, Placement, Submission, bytes_on_disk
 from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class AlchemyJob(Job):
     """One popped form. Subclasses implement `run(runtime, image) -> Submission`."""
 
     kind: ClassVar[str] = "alchemy"
+    family: ClassVar[str] = ALCHEMY
 
     def __init__(self, form: AlchemyForm) -> None:
         super().__init__()
@@ -79,6 +82,18 @@ class AlchemyJob(Job):
             self.problem = f"source image download_failed: {type(exc).__name__}: {exc}"
         finally:
             self.timings.source_download = time.monotonic() - started
+
+    def placement(self, runtime: Runtime) -> Placement:
+        """The worker's device holding the form's weights; a form that will only fault (no source, nothing
+        to run it with) computes nothing and goes on the CPU."""
+        if self.image is None:
+            return ON_CPU
+        weights = self.weights(runtime)
+        return Placement(bytes=bytes_on_disk(weights)) if weights else ON_CPU
+
+    def weights(self, runtime: Runtime) -> list[Path]:
+        """The weight files or folders this form runs on; empty when this worker cannot run it."""
+        return []
 
     def execute(self, runtime: Runtime) -> list[Submission]:
         self.prepare(runtime)  # a no-op after the loop's prepare; lets a caller skip it
@@ -120,6 +135,10 @@ class _InterrogatorJob(AlchemyJob):
             raise RuntimeError(f"no {self.form.form} interrogator on this worker")
         return found
 
+    def weights(self, runtime: Runtime) -> list[Path]:
+        found = getattr(runtime.interrogators, self.form.form, None) if runtime.interrogators else None
+        return [Path(found.folder)] if found is not None else []
+
     def run(self, runtime: Runtime, image: Image.Image) -> Submission:
         interrogator = self.interrogator(runtime)
         loading_before = interrogator.load_seconds
@@ -149,6 +168,14 @@ class NsfwJob(_InterrogatorJob):
 
 class PostProcessJob(AlchemyJob):
     """Every post-processor form: apply it, PUT the webp (quality 95) to r2_upload, submit "R2"."""
+
+    def weights(self, runtime: Runtime) -> list[Path]:
+        if runtime.postprocessors is None or not self.form.r2_upload:
+            return []
+        try:
+            return list(runtime.postprocessors.get(self.form.form).files())
+        except KeyError:
+            return []
 
     def run(self, runtime: Runtime, image: Image.Image) -> Submission:
         if runtime.postprocessors is None:
@@ -206,6 +233,7 @@ class AlchemySource(JobSource):
     """Pops `interrogate/pop` for the configured forms this worker can serve."""
 
     name: ClassVar[str] = "alchemy"
+    family: ClassVar[str] = ALCHEMY
 
     def __init__(self, *, max_tiles: int = DEFAULT_MAX_TILES) -> None:
         self.max_tiles = max_tiles

@@ -3,13 +3,17 @@
 The daemon knows nothing about generations or alchemy forms: it pops `Job`s from `JobSource`s, calls
 `prepare` (network: source images) ahead of time, `execute` (compute) when a slot is free, and `send`
 (upload + submit) in the background. Adding a job kind means adding a class here, not a branch in the loop.
+Each job and source names its `family` (bridge/families.py): the loop shares its run slots and queue places
+between families by that key alone, and places each job on a device lane by its `placement`.
 """
 
 from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -53,10 +57,41 @@ class JobTimings:
     features: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a job computes and the memory its models hold there while it runs.
+
+    `device` None means the worker's execution device (the device policy's); "cpu" a job that computes on
+    the CPU whatever the machine. `bytes` 0 means unknown: such a job never runs beside another on shared
+    memory.
+    """
+
+    device: str | None = None
+    bytes: int = 0
+
+
+ON_CPU = Placement(device="cpu")  # no model to run: e.g. a job that only faults
+
+
+def bytes_on_disk(paths: Iterable[Path]) -> int:
+    """Bytes of the files (and of every file under the folders) given: a model's weights, as stored."""
+    total = 0
+    for path in paths:
+        try:
+            if path.is_dir():
+                total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            elif path.is_file():
+                total += path.stat().st_size
+        except OSError:  # a file vanishing under us only makes the estimate smaller
+            continue
+    return total
+
+
 class Job(abc.ABC):
     """One popped unit of work: a generation (one or more ids) or one alchemy form (one id)."""
 
     kind: ClassVar[str] = "job"
+    family: ClassVar[str] = "job"  # the source's family (bridge/families.py): an opaque key to the loop
 
     def __init__(self) -> None:
         self.timings = JobTimings()
@@ -75,6 +110,11 @@ class Job(abc.ABC):
     def ttl(self) -> float | None:
         """Seconds the horde gives us before it aborts the job."""
         return None
+
+    def placement(self, runtime: Runtime) -> Placement:
+        """Where `execute` will compute (asked after `prepare`). Default: the worker's device, size
+        unknown."""
+        return Placement()
 
     def prepare(self, runtime: Runtime) -> None:  # noqa: B027 - optional hook
         """Network stage (runs ahead of execution): fetch source images. Must not raise for bad input;
@@ -101,6 +141,7 @@ class JobSource(abc.ABC):
     """Pops jobs of one family (image generation, alchemy) for the loop."""
 
     name: ClassVar[str] = "source"
+    family: ClassVar[str] = "job"  # the family of the jobs it pops (bridge/families.py): as Job.family
 
     @abc.abstractmethod
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:

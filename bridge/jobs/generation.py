@@ -13,20 +13,21 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
 from bridge.api_models import GenerationPopRequest, GenerationPopResponse, GenerationSubmit
 from bridge.config import dreamer_name, max_pixels
 from bridge.errors import HordeError, Policy
+from bridge.families import GENERATION
 from bridge.generation.censor import CensorUnavailable
 from bridge.generation.masks import prepare_sources
 from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, run_generation
 from bridge.generation.substitutions import Substitution, cap_metadata, information
 from bridge.images import encode_webp, encode_webp_base64
-from bridge.jobs.base import Job, JobSource, Submission
+from bridge.jobs.base import ON_CPU, Job, JobSource, Placement, Submission, bytes_on_disk
 from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class FetchedSources:
 
 class GenerationJob(Job):
     kind = "generation"
+    family: ClassVar[str] = GENERATION
 
     def __init__(self, pop: GenerationPopResponse) -> None:
         super().__init__()
@@ -73,6 +75,16 @@ class GenerationJob(Job):
         mask = self._fetch(runtime, self.pop.source_mask, "source_mask") if image is not None else None
         self.fetched.image, self.fetched.mask = image, mask
         self.timings.source_download = time.monotonic() - started
+
+    def placement(self, runtime: Runtime) -> Placement:
+        """The worker's device, holding the model's weights (their size on disk: an estimate, as a file may
+        carry EMA weights or another precision). A model this worker lacks faults without computing."""
+        record = self._record(runtime)
+        if record is None:
+            return ON_CPU
+        folder = runtime.models.files_dir(record.name)
+        paths = [folder / spec.path for spec in record.files] or [folder]
+        return Placement(bytes=bytes_on_disk(paths))
 
     def _fetch(self, runtime: Runtime, source: str | None, kind: str) -> Image.Image | None:
         if not source:
@@ -189,6 +201,7 @@ class GenerationJob(Job):
 
 class GenerationSource(JobSource):
     name = "generation"
+    family: ClassVar[str] = GENERATION
 
     def ready(self, runtime: Runtime) -> bool:
         return runtime.models is not None and bool(runtime.models.ready_models())

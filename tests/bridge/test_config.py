@@ -20,6 +20,7 @@ from bridge.config import (
     api_base,
     build_config,
     dreamer_name,
+    family_weights,
     load_config,
     max_pixels,
     modes,
@@ -284,3 +285,17 @@ def test_template_names_stop_only_against_the_real_horde():
     assert not is_real_horde(build_config({"horde_url": "http://127.0.0.1:7001"}, environ={}).config)
     own = build_config({"worker_name": "Mine", "alchemist_name": "Mine too"}, environ={}).config
     assert template_name_problems(own, dreamer=True, alchemist=True) == []
+
+
+def test_family_shares_default_to_equal_and_name_only_known_families():
+    assert family_weights(build_config({}, environ={}).config) == {"generation": 1.0, "alchemy": 1.0}
+    partial = build_config({"family_shares": {"alchemy": 0.25}}, environ={}).config
+    assert family_weights(partial) == {"generation": 1.0, "alchemy": 0.25}  # a family left out weighs 1
+    env = build_config({}, environ={"HORDE_FAMILY_SHARES": "{generation: 3}"}).config
+    assert family_weights(env)["generation"] == 3.0
+    for bad, says in [({"dreams": 1}, "unknown job family ['dreams']; allowed: generation, alchemy"),
+                      ({"alchemy": -1}, "each share must be a number >= 0"),
+                      ({"alchemy": 0, "generation": 0}, "at least one family needs a share above 0")]:
+        with pytest.raises(ConfigError) as caught:
+            build_config({"family_shares": bad}, environ={})
+        assert caught.value.lines[0].startswith("family_shares") and says in caught.value.lines[0]

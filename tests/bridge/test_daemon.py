@@ -141,6 +141,27 @@ def test_serves_forms_end_to_end_and_never_logs_the_key(horde, interrogators, tm
     assert not (tmp_path / "inflight.json").exists() or Journal(tmp_path / "inflight.json").leftovers == {}
 
 
+def test_a_lost_submit_answer_met_by_duplicate_counts_as_delivered(horde, interrogators, tmp_path, caplog):
+    url = horde.host_image(webp(), "lost.webp")
+    request_id = horde.request_interrogation(url, ["nsfw"])
+    horde.faults.drop("*/interrogate/submit", count=1, after=True)  # accepted; the answer never arrives
+    with caplog.at_level(logging.INFO, logger="bridge.daemon"):
+        daemon, thread = start_daemon(horde, interrogators, tmp_path)
+        horde.wait_done([request_id], timeout=30)
+        deadline = time.monotonic() + 10
+        while daemon.stats.jobs_done < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop(daemon, thread)
+    job_id = horde.accounting().handed_out[0]
+    assert [s["state"] for s in horde.submits(job_id)] == ["ok", "ok"]  # the retry met DuplicateGen
+    assert horde.accounting().rewards[job_id] == 1.0  # the horde paid the first, lost, answer
+    snap = daemon.stats.snapshot()
+    assert (snap.images_done, snap.dropped, snap.reward_unknown, snap.kudos) == (1, 0, 1, 0.0)
+    assert snap.families["alchemy"].reward_unknown == 1 and snap.families["alchemy"].submits == 1
+    assert "1 delivered with reward unknown" in daemon.stats.summary_line()
+    assert "delivered, reward unknown" in caplog.text and "dropped alchemy" not in caplog.text
+
+
 def test_200_jobs_with_25_percent_faults_lose_nothing(horde, interrogators, tmp_path):
     good = horde.host_image(webp(), "good.webp")
     broken = horde.host_image(b"this is not an image", "broken.webp")

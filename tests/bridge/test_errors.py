@@ -18,6 +18,7 @@ from bridge.errors import (
     Policy,
     RetryableError,
     WorkerStopError,
+    already_delivered,
     classify,
     endpoint_kind,
     mask_key,
@@ -154,3 +155,24 @@ def test_key_helpers_never_reveal_the_key() -> None:
     assert key not in mask_key(key) and not any(part in mask_key(key) for part in ("ab", "uv"))
     assert redact(f"bad key {key}!", key) == "bad key ***!"
     assert redact("text", "") == "text"
+
+
+def test_duplicate_after_a_lost_answer_means_delivered() -> None:
+    def duplicate(*earlier: HordeError, endpoint: str = "interrogate/submit") -> HordeError:
+        error = classify(400, rc("DuplicateGen"), endpoint=endpoint)
+        error.earlier = earlier
+        return error
+
+    lost = classify(None, "ConnectionError: connection dropped", endpoint="interrogate/submit")
+    proxy = classify(502, "<html>bad gateway</html>", endpoint="generate/submit")
+    garbled = classify(200, "not json", endpoint="generate/submit")
+    limited = classify(429, "Too Many Requests", endpoint="generate/submit")
+    assert already_delivered(duplicate(lost))
+    assert already_delivered(duplicate(limited, proxy, endpoint="generate/submit"))
+    assert already_delivered(duplicate(garbled, endpoint="generate/submit"))
+    # Refused before it was handled (429), or a first attempt already a duplicate: nothing says we delivered.
+    assert not already_delivered(duplicate(limited))
+    assert not already_delivered(duplicate())
+    aborted = classify(400, rc("AbortedGen"), endpoint="generate/submit")
+    aborted.earlier = (lost,)
+    assert not already_delivered(aborted)

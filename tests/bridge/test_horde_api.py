@@ -33,6 +33,7 @@ from bridge.errors import (
     Policy,
     RetryableError,
     WorkerStopError,
+    already_delivered,
 )
 from bridge.horde_api import HordeClient, parse_retry_after
 from bridge.retry import RetryPolicy
@@ -332,6 +333,9 @@ def test_lost_submit_answer_then_duplicate_is_a_drop(horde: LocalHorde, client: 
         client.submit_generation(ok_submit(job_id))
     assert err.value.rc == "DuplicateGen"
     assert len(horde.submits(job_id)) == 2
+    # The first attempt's answer was lost (no response): the horde has the result, it was delivered.
+    assert [e.status for e in err.value.earlier] == [None]
+    assert already_delivered(err.value)
 
 
 def test_unknown_key_on_submit_is_a_500_and_never_leaks(
