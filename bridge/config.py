@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from bridge.peer_keys import MAPPED_KEYS, PEER_KEYS_WITHOUT_EFFECT
 from bridge.families import FAMILIES
+from bridge.peer_keys import MAPPED_KEYS, PEER_KEYS_WITHOUT_EFFECT
 
 ANONYMOUS_API_KEY = "0000000000"
 BRIDGE_NAME = "horde-bridge-py"
