@@ -53,10 +53,12 @@ class RetryPolicy:
             return self.cancel.is_set()
         return self.cancel.wait(seconds)
 
-    def call(self, fn: Callable[[], T], *, what: str = "request") -> T:
+    def call(self, fn: Callable[[], T], *, what: str = "request", deadline: float | None = None) -> T:
         """Run `fn`; retry it while it raises a RETRY-policy HordeError and the budget lasts.
 
-        Raises the last error once attempts or elapsed time run out, or at once when cancelled. Errors of
+        The budget is `max_attempts` / `max_elapsed`, or, given a `deadline` (a `clock()` time: a job's ttl),
+        every attempt that can start before it: a finished result is worth retrying for as long as the horde
+        still takes it. Raises the last error once the budget runs out, or at once when cancelled. Errors of
         any other policy pass straight through.
         """
         start = self.clock()
@@ -69,8 +71,12 @@ class RetryPolicy:
                 if exc.policy is not Policy.RETRY:
                     raise
                 delay = self.delay(attempt, exc.retry_after)
-                elapsed = self.clock() - start
-                if attempt >= self.max_attempts or elapsed + delay > self.max_elapsed:
+                now = self.clock()
+                if deadline is not None:
+                    out_of_budget = now + delay >= deadline
+                else:
+                    out_of_budget = attempt >= self.max_attempts or now - start + delay > self.max_elapsed
+                if out_of_budget:
                     logger.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
                     raise
                 logger.info("%s failed (%s); retry %d in %.1f s", what, exc, attempt, delay)
