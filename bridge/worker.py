@@ -154,7 +154,8 @@ def build_worker(
                        vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
     weights = weights_dir or Path(config.cache_home)
     names = dict(interrogator_models or {})
-    runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
+    runtime = Runtime(config=config, device=device,
+                      fetcher=SourceFetcher(allow_private=config.allow_private_sources))
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []
     if plan.dreamer:

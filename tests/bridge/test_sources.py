@@ -32,7 +32,7 @@ def horde() -> Iterator[LocalHorde]:
 
 @pytest.fixture
 def fetcher() -> SourceFetcher:
-    return SourceFetcher(timeout=2.0, max_bytes=256 * 1024, max_pixels=1024 * 1024)
+    return SourceFetcher(timeout=2.0, max_bytes=256 * 1024, max_pixels=1024 * 1024, allow_private=True)
 
 
 def kind_of(fetcher: SourceFetcher, source: str) -> str:
@@ -60,7 +60,7 @@ def test_http_errors_are_download_failures(horde: LocalHorde, fetcher: SourceFet
 
 
 def test_timeout_and_dropped_connection(horde: LocalHorde) -> None:
-    fetcher = SourceFetcher(timeout=0.3)
+    fetcher = SourceFetcher(timeout=0.3, allow_private=True)
     url = horde.host_image(png())
     horde.faults.hang("/r2/*", 3.0)
     started = time.monotonic()
@@ -139,7 +139,7 @@ def test_undeclared_size_is_capped_while_streaming(streaming: str, fetcher: Sour
 def test_slow_drip_hits_the_total_deadline(streaming: str) -> None:
     _Streaming.drip = True
     try:
-        fetcher = SourceFetcher(timeout=0.5)
+        fetcher = SourceFetcher(timeout=0.5, allow_private=True)
         started = time.monotonic()
         with pytest.raises(SourceImageError) as err:
             fetcher.fetch(streaming + "/slow.png")
