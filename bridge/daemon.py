@@ -2,8 +2,11 @@
 
 Each popped job gets a daemon thread that prepares it at once (source downloads overlap with the jobs
 running now), waits for one of `max_threads` run slots, executes, and hands its submissions to the sender
-threads so the next job starts at once. Popping stops when `max_threads + queue_size` jobs are waiting or
-running. Every popped id ends in exactly one submit or a logged drop: the journal arbitrates.
+threads so the next job starts at once. A job settled without running (its payload unreadable, its form not
+served, its source unfetchable) needs no slot; one whose ttl ran out while it waited does not take one.
+Popping stops when `max_threads + queue_size` jobs are waiting or running; jobs still downloading count only
+beyond as many again, so slow source hosts cannot stop the popping. Every popped id ends in exactly one
+submit or a logged drop: the journal arbitrates, and keeps finished results until they are sent.
 
 Shutdown: the first request_stop() (SIGINT/SIGTERM) stops popping and lets everything in flight finish and
 submit (warm); the second faults every unsubmitted id back to the horde and returns (cold).
@@ -23,6 +26,7 @@ from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError
 from bridge.horde_api import HordeClient
 from bridge.jobs.base import Job, JobSource, Submission
 from bridge.journal import ALCHEMY, GENERATION, Journal
+from bridge.resend import resend_saved
 from bridge.runtime import Runtime
 from bridge.stats import Stats
 
@@ -69,6 +73,7 @@ class Daemon:
         self._wake = threading.Event()  # interrupts every wait of the loop
         self._state = threading.Condition()
         self._waiting = 0  # popped, not yet executed
+        self._downloading = 0  # of those, still in prepare (source downloads)
         self._unsent: dict[int, int] = {}  # id(job) -> submissions not yet sent
         self._outbox: queue.Queue[tuple[Job, Submission] | None] = queue.Queue()
         self._stop_requests = 0
@@ -178,28 +183,40 @@ class Daemon:
     def _process(self, job: Job) -> None:
         try:
             submissions = self._prepare_and_execute(job)
+            self._note_outcome(job, submissions)
+            self._keep_for_restart(job, submissions)
+            with self._state:
+                self._unsent[id(job)] = len(submissions)
+            # Queued before the job stops counting as waiting: a warm shutdown drains the outbox only once
+            # nothing waits, and must not end the senders ahead of these.
+            for submission in submissions:
+                self._outbox.put((job, submission))
         finally:
             with self._state:
                 self._waiting -= 1
                 self.stats.in_flight = self._waiting
                 self._state.notify_all()
             self._wake.set()
-        self._note_outcome(job, submissions)
-        with self._state:
-            self._unsent[id(job)] = len(submissions)
-        for submission in submissions:
-            self._outbox.put((job, submission))
 
     def _prepare_and_execute(self, job: Job) -> list[Submission]:
         try:
             started = time.monotonic()
-            job.prepare(self.runtime)
+            self._count_download(+1)
+            try:
+                job.prepare(self.runtime)
+            finally:
+                self._count_download(-1)
             job.timings.source_download = time.monotonic() - started
+            settled = job.settled()
+            if settled is not None:  # handed back unrun: no run slot needed
+                return self._one_per_id(job, settled)
             queued = time.monotonic()
             with self._run_slots:
                 job.timings.queue_wait = time.monotonic() - queued
                 if self.cold:
                     return job.fault("the worker shut down before this job ran")
+                if job.expired():  # the horde has given it to someone else: don't spend the slot
+                    return job.fault("the job's ttl ran out while it waited for a run slot")
                 started = time.monotonic()
                 submissions = job.execute(self.runtime)
                 job.timings.inference = time.monotonic() - started - job.timings.model_load \
@@ -234,6 +251,8 @@ class Daemon:
         return self._safe_fault(job, "internal error: the job did not produce one result per id")
 
     def _note_outcome(self, job: Job, submissions: list[Submission]) -> None:
+        if job.rejected:
+            return  # what the horde or a requester sent, not a failure of this worker: no pause for it
         if submissions and all(s.state == "faulted" for s in submissions):
             self._fault_streak += 1
             if self._fault_streak >= self.timings.fault_streak:
@@ -265,7 +284,8 @@ class Daemon:
                 self._send(job, job.fault(f"submit refused: {err}"[:250])[job.ids.index(submission.job_id)])
                 return
             self.stats.dropped(job.kind)
-            log.warning("dropped %s %s: %s", job.kind, submission.job_id[:8], err)
+            why = " (retried until the job's ttl ran out)" if err.policy is Policy.RETRY else ""
+            log.warning("dropped %s %s: %s%s", job.kind, submission.job_id[:8], err, why)
         except Exception:
             self.stats.dropped(job.kind)
             log.exception("dropped %s %s: sending raised", job.kind, submission.job_id[:8])
@@ -290,15 +310,28 @@ class Daemon:
         if self.cold:
             self._fault_unclaimed("the worker was stopped")
 
+    def _keep_for_restart(self, job: Job, submissions: list[Submission]) -> None:
+        """Finished results are saved until sent: a restart within their ttl sends them (bridge.resend)."""
+        deadline = job.deadline
+        if deadline is None:
+            return
+        expires_at = time.time() + deadline - time.monotonic()
+        for submission in submissions:
+            if submission.state != "faulted":
+                record = submission.to_record()
+                self.journal.keep_result(submission.job_id, family_of(job), expires_at, record)
+
     def _fault_back_leftovers(self) -> None:
         leftovers = {i: str(e.get("family", GENERATION)) for i, e in self.journal.leftovers.items()}
         if not leftovers:
+            resend_saved(self.client, self.journal, self.stats, fault_orphan_with(self.client))  # strays
             return
-        log.warning("%d job(s) were in flight when the worker last died: faulting them back to the horde",
-                    len(leftovers))
+        log.warning("%d job(s) were in flight when the worker last died: sending the results that were "
+                    "finished, faulting the rest back to the horde", len(leftovers))
         for job_id, family in leftovers.items():
             self.journal.add([job_id], family)
         self.journal.forget_leftovers()
+        resend_saved(self.client, self.journal, self.stats, fault_orphan_with(self.client))
         self._fault_unclaimed("the worker crashed while running this job")
 
     def _fault_unclaimed(self, reason: str) -> None:
@@ -315,13 +348,23 @@ class Daemon:
 
     # ---- waits --------------------------------------------------------------------------------------------
 
+    def _occupied(self) -> int:
+        """Jobs that hold popping back: those waiting or running, less the downloads beyond as many again."""
+        return self._waiting - min(self._downloading, self._capacity)
+
+    def _count_download(self, step: int) -> None:
+        with self._state:
+            self._downloading += step
+            self._state.notify_all()
+        self._wake.set()
+
     def _free_capacity(self) -> int:
         with self._state:
-            return self._capacity - self._waiting
+            return self._capacity - self._occupied()
 
     def _wait_for_capacity(self) -> None:
         with self._state:
-            self._state.wait_for(lambda: self._waiting < self._capacity or self.stopping, timeout=1.0)
+            self._state.wait_for(lambda: self._occupied() < self._capacity or self.stopping, timeout=1.0)
 
     def _wait(self, seconds: float) -> None:
         self._wake.clear()
@@ -342,6 +385,10 @@ def fault_orphan(client: HordeClient, job_id: str, family: str, reason: str) -> 
             id=job_id, generation="faulted", state="faulted", seed=0,
             gen_metadata=[{"type": "information", "value": "see_ref", "ref": reason[:255]}]))
     return client.submit_interrogation(InterrogationSubmit(id=job_id, result={}, state="faulted"))
+
+
+def fault_orphan_with(client: HordeClient) -> Callable[[str, str, str], float]:
+    return lambda job_id, family, reason: fault_orphan(client, job_id, family, reason)
 
 
 def install_signal_handlers(daemon: Daemon, signal_module=None) -> Callable[[], None]:

@@ -65,7 +65,7 @@ def make_runtime(interrogators, **overrides) -> Runtime:
     return Runtime(
         config=config,
         device=DevicePolicy.cpu(),
-        fetcher=SourceFetcher(timeout=2.0),
+        fetcher=SourceFetcher(timeout=2.0, allow_private=True),  # the local horde is on loopback
         interrogators=interrogators,
     )
 
@@ -232,15 +232,26 @@ def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
     assert horde.interrogation_status(first)["forms"][0]["state"] in ("done", "processing", "waiting")
 
 
+class FailingSource(AlchemySource):
+    """The real alchemy source; every job then fails on this worker (a broken model, say)."""
+
+    def pop(self, client, runtime, capacity):
+        jobs = super().pop(client, runtime, capacity)
+        for job in jobs:
+            job.execute = lambda rt: (_ for _ in ()).throw(RuntimeError("the model broke"))
+        return jobs
+
+
 def test_fault_streak_pauses_popping(horde, interrogators, tmp_path, caplog):
-    broken = horde.host_image(b"garbage", "garbage.webp")
+    url = horde.host_image(webp(), "streak.webp")
     for _ in range(4):
-        horde.request_interrogation(broken, ["nsfw"])
+        horde.request_interrogation(url, ["nsfw"])
     timings = LoopTimings(idle_poll_s=0.02, error_poll_s=0.02, fault_streak=3, fault_pause_s=0.5)
     daemon, thread = start_daemon(
         horde,
         interrogators,
         tmp_path,
+        source=FailingSource(),
         timings=timings,
         runtime=make_runtime(interrogators, max_threads=1, queue_size=0),
     )
@@ -301,8 +312,8 @@ from models.device import DevicePolicy
 from tests.interrogators.helpers import cpu_cache, tiny_set
 interrogators = tiny_set(Path({str(models_dir)!r}), cpu_cache(), forms=("nsfw",))
 config = build_config({{"alchemist_name": "daemon-test-alchemist", "forms": ["nsfw"]}}, environ={{}}).config
-runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=120),
-                  interrogators=interrogators)
+runtime = Runtime(config=config, device=DevicePolicy.cpu(),
+                  fetcher=SourceFetcher(timeout=120, allow_private=True), interrogators=interrogators)
 client = HordeClient({horde.base_url!r}, {DEFAULT_API_KEY!r}, client_agent="t:1:n")
 Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
        journal=Journal(Path({str(tmp_path / "inflight.json")!r})),
