@@ -69,7 +69,8 @@ class _WireTyped(_Tolerant):
         if kind == "bool" and not isinstance(value, bool):
             raise ValueError("expected true or false")
         if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError("expected a number")  # NaN and infinities are numbers: build_request refuses them
+            # NaN and infinities are numbers here: build_request refuses them with its own reason.
+            raise ValueError("expected a number")
         return value
 
 

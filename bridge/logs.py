@@ -44,7 +44,7 @@ class SecretFilter(logging.Filter):
 
 
 def _one_line_arg(arg: object) -> object:
-    """Strings and exceptions (whose text may be anyone's) as one clean line; numbers and the rest as they are."""
+    """Strings and exceptions (whose text may be anyone's) as one clean line; the rest as it is."""
     if isinstance(arg, str):
         return one_line(arg, None)
     if isinstance(arg, BaseException):
