@@ -28,7 +28,7 @@ from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from bridge.stats import Stats
-from local_horde import DEFAULT_API_KEY, LocalHorde
+from local_horde import DEFAULT_API_KEY, FaultKind, LocalHorde
 from models.device import DevicePolicy
 from tests.interrogators.helpers import cpu_cache, tiny_models_dir, tiny_set
 
@@ -292,10 +292,13 @@ def test_maintenance_is_reported_once_and_polling_continues(horde, interrogators
 
 
 def test_journal_recovery_after_kill_9(horde, interrogators, tmp_path):
-    """A worker process is killed mid-job; the next start faults the journaled id back at once."""
+    """A worker process is killed mid-job; the next start faults the journaled id back at once, and sends the
+    result it had finished but not submitted (that job's ttl still runs)."""
     url = horde.host_image(webp(), "slow.webp")
     horde.faults.hang("/r2/hosted/slow.webp", 60, count=1)  # the source download never ends
     horde.request_interrogation(url, ["nsfw"])
+    finished = horde.request_interrogation(horde.host_image(webp(), "done.webp"), ["nsfw"])
+    horde.faults.hang("*/interrogate/submit", 120, count=1)  # its submit is never answered
     models_dir = tiny_models_dir_path(interrogators)
     script = f"""
 import sys, time
@@ -324,15 +327,15 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
     )
     try:
         deadline = time.monotonic() + 90
-        while not horde.accounting().handed_out and time.monotonic() < deadline:
+        while len(horde.faults.fired(FaultKind.HANG)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert horde.accounting().handed_out, "the worker process never popped"
-        time.sleep(0.3)  # the id is journaled before prepare starts
+        assert len(horde.faults.fired(FaultKind.HANG)) == 2, "the worker process never got that far"
+        assert list(Journal(tmp_path / "inflight.json").results_dir.iterdir()), "the result was not kept"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    job_id = horde.accounting().handed_out[0]
-    assert horde.submits(job_id) == []
+    job_id, done_id = horde.accounting().handed_out
+    assert horde.submits(job_id) == horde.submits(done_id) == []
     daemon = Daemon(
         client=make_client(horde),
         runtime=make_runtime(interrogators, forms=["nsfw"]),
@@ -342,10 +345,13 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
     )
     thread = run_in_thread(daemon)
     deadline = time.monotonic() + 10
-    while not horde.submits(job_id) and time.monotonic() < deadline:
+    while not (horde.submits(job_id) and horde.submits(done_id)) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop(daemon, thread)
     assert [s["state"] for s in horde.submits(job_id)] == ["faulted"]
+    (resent,) = horde.submits(done_id)
+    assert resent["state"] == "ok" and isinstance(resent["result"]["nsfw"], bool)
+    assert horde.interrogation_status(finished)["forms"][0]["state"] == "done"
     assert Journal(tmp_path / "inflight.json").leftovers == {}
 
 
