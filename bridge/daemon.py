@@ -216,6 +216,7 @@ class Daemon:
                 if self.cold:
                     return job.fault("the worker shut down before this job ran")
                 if job.expired():  # the horde has given it to someone else: don't spend the slot
+                    log.warning("%s: its ttl ran out while it waited for a run slot; not run", job.describe())
                     return job.fault("the job's ttl ran out while it waited for a run slot")
                 started = time.monotonic()
                 submissions = job.execute(self.runtime)

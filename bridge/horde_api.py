@@ -144,9 +144,10 @@ class HordeClient:
         return self._pop("generate/pop", request, read_generation_pop)
 
     def submit_generation(self, submit: GenerationSubmit, *, deadline: float | None = None) -> float:
-        """`deadline` (a monotonic time, the job's ttl): retry transient failures until then."""
+        """`deadline` (a monotonic time, the job's ttl): retry transient failures until then, however many."""
         reply = self._call(
-            "POST", "generate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline
+            "POST", "generate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline,
+            persist=True,
         )
         return reply.reward
 
@@ -155,7 +156,8 @@ class HordeClient:
 
     def submit_interrogation(self, submit: InterrogationSubmit, *, deadline: float | None = None) -> float:
         reply = self._call(
-            "POST", "interrogate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline
+            "POST", "interrogate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline,
+            persist=True,
         )
         return reply.reward
 
@@ -183,7 +185,8 @@ class HordeClient:
     def upload(self, url: str, data: bytes, *, deadline: float | None = None) -> None:
         """PUT raw bytes to a presigned R2 URL. No Content-Type: it is not part of the signature, and a
         header the signer did not expect can make the store refuse the request. No redirects either: the
-        store answers where it was asked. `deadline`: retry transient failures until then."""
+        store answers where it was asked. Transient failures get the policy's few retries, none past
+        `deadline`: the caller has a base64 submit to fall back on."""
         if urlsplit(url).scheme not in ("http", "https"):
             raise classify(
                 400, f"refusing to upload to a non-http(s) URL {safe_url(url)!r}", endpoint="upload"
@@ -232,6 +235,7 @@ class HordeClient:
         endpoint: str | None = None,
         json: Any = None,
         deadline: float | None = None,
+        persist: bool = False,
     ) -> T:
         endpoint = endpoint or path
         url = f"{self.base_url}/api/v2/{path}"
@@ -266,7 +270,8 @@ class HordeClient:
                 text = f"unexpected reply shape: {str(exc)[:300]}"
                 raise classify(response.status_code, text, endpoint=endpoint, secrets=secrets) from None
 
-        return self.retry.call(attempt, what=f"{method} {endpoint}", deadline=deadline)
+        what = f"{method} {endpoint}"
+        return self.retry.call(attempt, what=what, deadline=deadline, until_deadline=persist)
 
     def _redirected(self, response: requests.Response, endpoint: str) -> HordeError:
         """A 3xx is an error, never a hop: the key (or an upload) would follow it to wherever it points."""
@@ -282,7 +287,7 @@ class HordeClient:
         """One attempt's timeout: no later than the deadline, but long enough to get an answer at all."""
         if deadline is None:
             return limit
-        return max(1.0, min(limit, deadline - time.monotonic()))
+        return max(min(limit, 1.0), min(limit, deadline - time.monotonic()))
 
     def _secrets(self, url: str | None = None) -> list[str]:
         return [self._api_key, *url_secrets(url)]

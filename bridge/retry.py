@@ -53,13 +53,20 @@ class RetryPolicy:
             return self.cancel.is_set()
         return self.cancel.wait(seconds)
 
-    def call(self, fn: Callable[[], T], *, what: str = "request", deadline: float | None = None) -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        what: str = "request",
+        deadline: float | None = None,
+        until_deadline: bool = False,
+    ) -> T:
         """Run `fn`; retry it while it raises a RETRY-policy HordeError and the budget lasts.
 
-        The budget is `max_attempts` / `max_elapsed`, or, given a `deadline` (a `clock()` time: a job's ttl),
-        every attempt that can start before it: a finished result is worth retrying for as long as the horde
-        still takes it. Raises the last error once the budget runs out, or at once when cancelled. Errors of
-        any other policy pass straight through.
+        The budget is `max_attempts` / `max_elapsed`; no retry starts after `deadline` (a `clock()` time, such
+        as a job's ttl). With `until_deadline` the count does not matter, only the deadline: a finished result
+        is worth retrying for as long as the horde still takes it. Raises the last error once the budget runs
+        out, or at once when cancelled. Errors of any other policy pass straight through.
         """
         start = self.clock()
         attempt = 0
@@ -72,10 +79,9 @@ class RetryPolicy:
                     raise
                 delay = self.delay(attempt, exc.retry_after)
                 now = self.clock()
-                if deadline is not None:
-                    out_of_budget = now + delay >= deadline
-                else:
-                    out_of_budget = attempt >= self.max_attempts or now - start + delay > self.max_elapsed
+                out_of_budget = deadline is not None and now + delay >= deadline
+                if not (until_deadline and deadline is not None):
+                    out_of_budget |= attempt >= self.max_attempts or now - start + delay > self.max_elapsed
                 if out_of_budget:
                     logger.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
                     raise

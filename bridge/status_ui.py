@@ -38,6 +38,7 @@ class StatsReporter:
 
 
 def render(stats: Stats, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
     snap = stats.snapshot()
@@ -48,7 +49,8 @@ def render(stats: Stats, title: str):
     table.add_row("jobs/hour", f"{snap.jobs_per_hour:.0f}")
     table.add_row("faulted / dropped", f"{snap.faulted} / {snap.dropped}")
     table.add_row("in flight", str(snap.in_flight))
-    table.add_row("last job", snap.last_job or "-")
+    # Model names come from the horde: shown as text, never read as rich markup ("[link=...]").
+    table.add_row("last job", escape(snap.last_job) if snap.last_job else "-")
     return table
 
 

@@ -74,9 +74,11 @@ class Fault:
             return False
         return fnmatch.fnmatchcase(path, self.pattern)
 
-    def body(self, api_key: str = "") -> dict:
-        """`{apikey}` in the message becomes the key the request carried (a server echoing it back)."""
+    def body(self, api_key: str = "", query: str = "") -> dict:
+        """`{apikey}` / `{query}` in the message become the key / the URL query the request carried (a server
+        echoing credentials back: the horde quoting the key, an object store quoting the signature)."""
         message = (self.message or _default_message(self.status)).replace("{apikey}", api_key)
+        message = message.replace("{query}", query)
         body: dict = {"message": message}
         if self.rc:
             body["rc"] = self.rc
@@ -168,8 +170,8 @@ class FaultInjector:
         after: bool = False,
         html: bool = False,
     ) -> Fault:
-        """`html`: a CDN's HTML error page instead of the horde's JSON; `{apikey}` in `message` is replaced by
-        the key the request carried."""
+        """`html`: a CDN's HTML error page instead of the horde's JSON; `{apikey}` and `{query}` in `message`
+        are replaced by the key and the URL query the request carried."""
         return self._new(
             FaultKind.STATUS,
             pattern,

@@ -109,7 +109,8 @@ class HordeTransport:
             page = HTML_PAGE.format(status=fault.status).encode()
             self._send(h, Response(fault.status, page, "text/html; charset=utf-8"))
         else:
-            self._send(h, Response.json(fault.status, fault.body(h.headers.get("apikey") or "")))
+            body = fault.body(h.headers.get("apikey") or "", urlsplit(h.path).query)
+            self._send(h, Response.json(fault.status, body))
 
     def _trickle(self, h: BaseHTTPRequestHandler, fault: Fault) -> None:
         """A status line, then header bytes one at a time: every read the client makes gets something."""
