@@ -299,9 +299,12 @@ class FaultInjector:
 
         return self.rewrite(pattern, edit, count=count)
 
-    def over_deliver(self, pattern: str = "*/pop", *, extra: int = 2, count: int | None = 1) -> Fault:
+    def over_deliver(
+        self, pattern: str = "*/pop", *, extra: int = 2, count: int | None = 1,
+        probability: float | None = None,
+    ) -> Fault:
         """The next matching pop is served as if `amount` were `extra` more than the worker asked for."""
-        return self.add(Fault(FaultKind.OVER_DELIVER, pattern, method="POST", remaining=count, extra=extra))
+        return self._new(FaultKind.OVER_DELIVER, pattern, count, probability, method="POST", extra=extra)
 
     def expire_on_submit(
         self, pattern: str = "*/submit", *, count: int | None = 1, probability: float | None = None
