@@ -120,10 +120,24 @@ class _PinnedHTTP(http.client.HTTPConnection):
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+def _tls_context() -> ssl.SSLContext:
+    """The trust store requests uses (certifi's, installed with it), so sources verify as API calls do."""
+    try:
+        import certifi
+
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        return ssl.create_default_context()
+
+
 class _PinnedHTTPS(_PinnedHTTP):
+    _context_cache: ssl.SSLContext | None = None
+
     def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
         super().__init__(host, address, port, timeout)
-        self._tls = ssl.create_default_context()
+        if _PinnedHTTPS._context_cache is None:
+            _PinnedHTTPS._context_cache = _tls_context()
+        self._tls = _PinnedHTTPS._context_cache
 
     def connect(self) -> None:
         # The certificate is checked against the host name (SNI too), while the socket is the checked address.

@@ -363,7 +363,8 @@ def test_sources_on_private_addresses_are_never_fetched(
     bounced = horde.request_interrogation(public, ["caption"])
     horde.request_generation({**SMALL, "denoising_strength": 0.5}, models=[MODEL],
                                        source_image=webp("blue", (64, 64)), source_processing="img2img")
-    horde.faults.redirect("/r2/sources/*", "http://169.254.169.254/latest/meta-data/", method="GET", count=None)
+    metadata_service = "http://169.254.169.254/latest/meta-data/"  # the cloud's credentials live there
+    horde.faults.redirect("/r2/sources/*", metadata_service, method="GET", count=None)
     runtime = make_runtime(models=pipelines, interrogators=interrogators, fetcher=fetcher)
     with caplog.at_level(logging.WARNING), serving(
         horde, runtime, [GenerationSource(), AlchemySource()], tmp_path

@@ -399,3 +399,50 @@ def test_scaled_not_clipped_and_alpha_unpremultiplied(fetcher: SourceFetcher) ->
     assert sixteen_bit[0] in (155, 156)  # 40000 / 65535 of full scale, not 255 (clipped)
     assert fetcher.decode(MODE_SOURCES["La tiff"]).getpixel((0, 0)) == (199, 199, 199, 128)
     assert fetcher.decode(MODE_SOURCES["LAB tiff"]).getpixel((0, 0))[0] in range(110, 130)  # grey, not blue
+
+
+def test_https_is_verified_against_the_name_while_pinned_to_the_address(tmp_path, monkeypatch) -> None:
+    """TLS to the checked address: the certificate must still match the host name the URL gave."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import bridge.sources as sources
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a throwaway certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+         "-out", str(cert), "-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Png", (_Png,), {}))
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    server.socket = server_side.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setattr(sources._PinnedHTTPS, "_context_cache", ssl.create_default_context(cafile=cert))
+        fetcher = SourceFetcher(timeout=3.0, address_allowed=lambda a: True,
+                                resolver=lambda host, port: ["127.0.0.1"])
+        port = server.server_address[1]
+        assert fetcher.fetch(f"https://images.test:{port}/x.png").size == (40, 30)
+        assert kind_of(fetcher, f"https://elsewhere.test:{port}/x.png") == "download_failed"  # wrong name
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Png(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        body = png()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
