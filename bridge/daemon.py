@@ -14,11 +14,12 @@ submit (warm); the second faults every unsubmitted id back to the horde and retu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
@@ -44,6 +45,7 @@ class LoopTimings:
     fault_pause_s: float = 60.0
     sender_threads: int = 4
     cold_fault_timeout_s: float = 10.0
+    slow_download_s: float = 2.0  # a source download this old stops holding popping back
 
 
 def family_of(job: Job) -> str:
@@ -73,7 +75,7 @@ class Daemon:
         self._wake = threading.Event()  # interrupts every wait of the loop
         self._state = threading.Condition()
         self._waiting = 0  # popped, not yet executed
-        self._downloading = 0  # of those, still in prepare (source downloads)
+        self._downloads: dict[int, float] = {}  # id(job) -> when its prepare (source download) began
         self._unsent: dict[int, int] = {}  # id(job) -> submissions not yet sent
         self._outbox: queue.Queue[tuple[Job, Submission] | None] = queue.Queue()
         self._stop_requests = 0
@@ -201,11 +203,8 @@ class Daemon:
     def _prepare_and_execute(self, job: Job) -> list[Submission]:
         try:
             started = time.monotonic()
-            self._count_download(+1)
-            try:
+            with self._downloading(job):
                 job.prepare(self.runtime)
-            finally:
-                self._count_download(-1)
             job.timings.source_download = time.monotonic() - started
             settled = job.settled()
             if settled is not None:  # handed back unrun: no run slot needed
@@ -350,14 +349,21 @@ class Daemon:
     # ---- waits --------------------------------------------------------------------------------------------
 
     def _occupied(self) -> int:
-        """Jobs that hold popping back: those waiting or running, less the downloads beyond as many again."""
-        return self._waiting - min(self._downloading, self._capacity)
+        """Jobs that hold popping back: those waiting or running, less slow downloads (at most as many again):
+        a source host that takes its time must not stop the worker from popping."""
+        now = time.monotonic()
+        slow = sum(now - began >= self.timings.slow_download_s for began in self._downloads.values())
+        return self._waiting - min(slow, self._capacity)
 
-    def _count_download(self, step: int) -> None:
+    @contextlib.contextmanager
+    def _downloading(self, job: Job) -> Iterator[None]:
         with self._state:
-            self._downloading += step
-            self._state.notify_all()
-        self._wake.set()
+            self._downloads[id(job)] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._state:
+                del self._downloads[id(job)]
 
     def _free_capacity(self) -> int:
         with self._state:

@@ -450,7 +450,7 @@ def test_slow_sources_hold_no_slot_and_do_not_stop_popping(
         trickles.append(horde.faults.trickle(f"/r2/hosted/{name}", seconds=60, interval_s=0.1, count=None))
         horde.request_interrogation(url, ["caption"])
     normal = horde.request_interrogation(horde.host_image(webp(), "fine.webp"), ["caption"])
-    fetcher = SourceFetcher(timeout=2.5, allow_private=True)
+    fetcher = SourceFetcher(timeout=4.0, allow_private=True)
     runtime = make_runtime(interrogators=interrogators, fetcher=fetcher)
     started = time.monotonic()
     with serving(horde, runtime, [AlchemySource()], tmp_path):
@@ -461,8 +461,9 @@ def test_slow_sources_hold_no_slot_and_do_not_stop_popping(
         handed_back_after = time.monotonic() - started
         for trickle in trickles:
             trickle.remaining = 0  # the requeued forms now download at once
-    assert served_after < 2.5  # popped and served while both slow downloads still waited
-    assert handed_back_after < 5.0  # the trickled headers did not outlive the download deadline
+    # Popped and served while both slow downloads still waited (they count as slow after 2 s).
+    assert served_after < 4.0
+    assert handed_back_after < 7.0  # the trickled headers did not outlive the download deadline
     submits = one_submit_each(horde)
     assert [submits[i]["state"] for i in slow] == ["faulted", "faulted"]
 
