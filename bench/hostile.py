@@ -243,9 +243,13 @@ def make_worker(horde: LocalHorde, models: list[str], reference: Path):
     return config, client, worker
 
 
-def fault_reason(submit: dict, lines: dict[str, str]) -> str:
+def fault_text(submit: dict, lines: dict[str, str]) -> str:
     text = " ".join(m.get("ref", "") + " " + m.get("value", "") for m in submit.get("gen_metadata", []))
-    text = text or lines.get(submit["id"][:8], "")
+    return text or lines.get(submit["id"][:8], "")
+
+
+def fault_reason(submit: dict, lines: dict[str, str]) -> str:
+    text = fault_text(submit, lines)
     for reason, words in (("unreadable field", ("wrong type", "parse_failed: payload")),
                           ("over-delivered", ("over-delivered",)), ("not served here", ("not served",)),
                           ("source unusable", ("download_failed", "parse_failed", "source image")),
@@ -342,6 +346,10 @@ def report(args, kinds, books, drops: DropLog, faults: FaultLines, lan: Recordin
           f"dropped with a log line {len(drops.dropped)}, worker stop reason {stop_reason}")
     print(f"jobs served {served}, faulted {sum(reasons.values())}: "
           + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
+    others = [fault_text(s, faults.lines)[:120] or "(no reason recorded)" for s in first.values()
+              if s.get("state") == "faulted" and fault_reason(s, faults.lines) == "other"]
+    if others:
+        print("other faults: " + " | ".join(others[:3]))
     print(f"requests to the LAN host {len(lan.seen)}, wall {wall:.1f} s, peak RSS {peak_mb:.0f} MB "
           f"(machine shared), stats: {stats.summary_line()}")
     print(f"hostile lost_ids {len(lost)} (target <= 0)")
