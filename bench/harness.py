@@ -79,6 +79,7 @@ def worker_for(horde, reference: Path, *, queue_size: int = 1, max_threads: int 
         "dreamer": True, "alchemist": False, "force_cpu_generation": True, "queue_size": queue_size,
         "max_threads": max_threads, "cache_home": str(CACHE / "cache"), "state_dir": str(CACHE / "state"),
         "bridge_agent": "AI Horde Worker reGen:10.0.0:bench", "allow_post_processing": False,
+        "allow_private_sources": True,  # the local horde is on loopback
     }
     config = build_config(settings, environ={}).config
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",

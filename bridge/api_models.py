@@ -8,11 +8,21 @@ their constraints are checked when they are built: a bad config fails at start, 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import math
 import zlib
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,52 @@ class _Tolerant(BaseModel):
         return data
 
 
+_LOOSE_FIELDS = frozenset({"seed"})  # a string of an int on the wire, read by seed_from_wire
+
+
+@functools.cache
+def _json_kind(model: type[BaseModel], name: str) -> str | None:
+    """"bool" or "number" when the field holds one of those JSON types, else None (free to coerce)."""
+    annotation = model.model_fields[name].annotation
+    types = {t for t in (get_args(annotation) or (annotation,)) if t is not type(None)}
+    if types == {bool}:
+        return "bool"
+    return "number" if types and types <= {int, float} else None
+
+
+class _WireTyped(_Tolerant):
+    """A pop reply's models: a flag must arrive as true/false and a number as a JSON number. Pydantic's lax
+    mode would read `true` as 1 step and "yes" as true; a value of the wrong JSON type is unreadable instead
+    (strings still take numbers: LoRA names arrive as CivitAI ids)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _own_json_type(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        kind = None if name is None or name in _LOOSE_FIELDS else _json_kind(cls, name)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            # NaN and infinities are numbers here: build_request refuses them with its own reason.
+            raise ValueError("expected a number")
+        return value
+
+
+class _Readable(_WireTyped):
+    """A reply that may arrive with fields of the wrong type: bridge.pop_reader leaves those out and names
+    them here, so that the job can be faulted saying which field it could not read."""
+
+    _unreadable: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """field -> why it could not be read (empty for a clean reply)."""
+        return dict(self._unreadable)
+
+    def note_unreadable(self, field: str, why: str) -> None:
+        self._unreadable[field] = why
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -40,7 +96,7 @@ class _Request(BaseModel):
 # ---------------------------------------------------------------------------------------------- generate
 
 
-class LoraSpec(_Tolerant):
+class LoraSpec(_WireTyped):
     name: str
     model: float = 1.0
     clip: float = 1.0
@@ -48,23 +104,23 @@ class LoraSpec(_Tolerant):
     is_version: bool = False
 
 
-class TiSpec(_Tolerant):
+class TiSpec(_WireTyped):
     name: str
     inject_ti: str | None = None  # "prompt" | "negprompt" | absent
     strength: float = 1.0
 
 
-class ExtraText(_Tolerant):
+class ExtraText(_WireTyped):
     text: str = ""
     reference: str | None = None
 
 
-class ExtraSourceImage(_Tolerant):
+class ExtraSourceImage(_WireTyped):
     image: str
     strength: float = 1.0
 
 
-class HordeMessage(_Tolerant):
+class HordeMessage(_WireTyped):
     id: str | None = None
     message: str = ""
     origin: str | None = None
@@ -75,13 +131,15 @@ def seed_from_wire(value: Any) -> int | None:
     """The horde sends the seed as a string of an int < 2**32. Anything else still yields a stable seed."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("seed must be a number or a string")
     if isinstance(value, int):
         return value % 2**32
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("seed must be a finite number")
         return int(value) % 2**32
-    text = str(value).strip()
+    text = value.strip()
     try:
         return int(text) % 2**32
     except ValueError:
@@ -89,7 +147,7 @@ def seed_from_wire(value: Any) -> int | None:
         return zlib.crc32(text.encode())
 
 
-class GenerationPayload(_Tolerant):
+class GenerationPayload(_WireTyped):
     prompt: str = ""
     ddim_steps: int = 30
     n_iter: int = 1
@@ -173,7 +231,7 @@ class GenerationPopRequest(_Request):
         return names
 
 
-class GenerationPopResponse(_Tolerant):
+class GenerationPopResponse(_Readable):
     payload: GenerationPayload = Field(default_factory=GenerationPayload)
     id: str | None = None
     ids: list[str] = Field(default_factory=list)
@@ -293,7 +351,7 @@ class InterrogationPopRequest(_Request):
         return list(dict.fromkeys(forms))
 
 
-class AlchemyForm(_Tolerant):
+class AlchemyForm(_Readable):
     id: str
     form: str
     payload: dict[str, Any] = Field(default_factory=dict)

@@ -163,6 +163,9 @@ class BridgeConfig(BaseModel):
     nsfw_model: str | None = None
     # Sharing between job families (bridge/scheduling.py): relative weights, a family left out weighs 1
     family_shares: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FAMILIES, 1.0))
+    # Hostile input: source image URLs come from requesters. Off, only public addresses are fetched; on, also
+    # loopback and private networks (a horde of your own on your LAN, the tests and the demo).
+    allow_private_sources: bool = False
 
     @field_validator("ram_to_leave_free", "vram_to_leave_free", mode="before")
     @classmethod
@@ -298,13 +301,32 @@ def env_var_for(key: str) -> str:
     return upper if upper.startswith("HORDE_") else f"HORDE_{upper}"
 
 
+_SECRET_LINE = re.compile(r"""(?im)^[ \t]*["']?(api_key|civitai_api_token)["']?[ \t]*:[ \t]*(.*?)[ \t]*$""")
+
+
+def _yaml_error(path: Path, text: str, err: yaml.YAMLError) -> str:
+    """Where the file is broken and why, without the snippet of the file PyYAML quotes: on the api_key line
+    that snippet is the key itself."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+    message = f"config file {path} is not valid YAML{where}: {problem or type(err).__name__}"
+    for match in _SECRET_LINE.finditer(text):
+        for secret in (match.group(2), match.group(2).strip("\"'")):
+            if len(secret) >= 4:
+                message = message.replace(secret, "***")
+    return message
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise ConfigError([f"config file {path} does not exist"]) from err
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError([f"config file {path} is not valid YAML: {err}"]) from err
+        raise ConfigError([_yaml_error(path, text, err)]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -3,11 +3,14 @@
 Each popped job gets a daemon thread that prepares it at once (source downloads overlap with the jobs
 running now), waits for a run slot on its device lane, executes, and hands its submissions to the sender
 threads so the next job starts at once. Popping stops when `max_threads + queue_size` jobs are waiting or
-running. The job families (generation, alchemy) share the slots and those places by their `family_shares`:
+running; jobs still downloading count only beyond as many again, so slow source hosts cannot stop the
+popping. The job families (generation, alchemy) share the slots and those places by their `family_shares`:
 every family that is on is popped each round, an idle family lends its share, and a family that comes back
 pops its own share at once (briefly going over the limit by what it lent) (bridge/scheduling.py). The loop
-knows a family only as the key its sources and jobs declare. Every popped id ends in exactly one submit or
-a logged drop: the journal arbitrates.
+knows a family only as the key its sources and jobs declare. A job settled without running (its payload
+unreadable, its form not served, its source unfetchable) needs no slot; one whose ttl ran out while it
+waited does not take one. Every popped id ends in exactly one submit or a logged drop: the journal
+arbitrates, and keeps finished results until they are sent.
 
 Shutdown: the first request_stop() (SIGINT/SIGTERM) stops popping and lets everything in flight finish and
 submit (warm); the second faults every unsubmitted id back to the horde and returns (cold).
@@ -15,12 +18,13 @@ submit (warm); the second faults every unsubmitted id back to the horde and retu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
@@ -29,6 +33,7 @@ from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError,
 from bridge.horde_api import HordeClient
 from bridge.jobs.base import Job, JobSource, Placement, Submission
 from bridge.journal import GENERATION, Journal
+from bridge.resend import resend_saved
 from bridge.runtime import Runtime
 from bridge.scheduling import DeviceLanes, Devices, RunSlots, family_quotas, pop_capacity
 from bridge.stats import Stats
@@ -47,6 +52,7 @@ class LoopTimings:
     fault_pause_s: float = 60.0
     sender_threads: int = 4
     cold_fault_timeout_s: float = 10.0
+    slow_download_s: float = 2.0  # a source download this old stops holding popping back
 
 
 def family_of(job: Job) -> str:
@@ -82,6 +88,8 @@ class Daemon:
         self._in_flight: Counter[str] = Counter()  # the same, per family
         self._found_work: dict[str, bool] = {}  # family -> whether its last pop brought jobs
         self._rounds = 0
+        # id(job) -> (its family, when its prepare (source download) began)
+        self._downloads: dict[int, tuple[str, float]] = {}
         self._unsent: dict[int, int] = {}  # id(job) -> submissions not yet sent
         self._outbox: queue.Queue[tuple[Job, Submission] | None] = queue.Queue()
         self._stop_requests = 0
@@ -204,6 +212,14 @@ class Daemon:
     def _process(self, job: Job) -> None:
         try:
             submissions = self._prepare_and_execute(job)
+            self._note_outcome(job, submissions)
+            self._keep_for_restart(job, submissions)
+            with self._state:
+                self._unsent[id(job)] = len(submissions)
+            # Queued before the job stops counting as waiting: a warm shutdown drains the outbox only once
+            # nothing waits, and must not end the senders ahead of these.
+            for submission in submissions:
+                self._outbox.put((job, submission))
         finally:
             with self._state:
                 self._waiting -= 1
@@ -211,23 +227,25 @@ class Daemon:
                 self.stats.in_flight = self._waiting
                 self._state.notify_all()
             self._wake.set()
-        self._note_outcome(job, submissions)
-        with self._state:
-            self._unsent[id(job)] = len(submissions)
-        for submission in submissions:
-            self._outbox.put((job, submission))
 
     def _prepare_and_execute(self, job: Job) -> list[Submission]:
         try:
             started = time.monotonic()
-            job.prepare(self.runtime)
+            with self._downloading(job):
+                job.prepare(self.runtime)
             job.timings.source_download = time.monotonic() - started
+            settled = job.settled()
+            if settled is not None:  # handed back unrun: no run slot needed
+                return self._one_per_id(job, settled)
             placement = self._placement(job)
             queued = time.monotonic()
             with self._slots.run(job.family, placement, stop=lambda: self.cold):
                 job.timings.queue_wait = time.monotonic() - queued
                 if self.cold:
                     return job.fault("the worker shut down before this job ran")
+                if job.expired():  # the horde has given it to someone else: don't spend the slot
+                    log.warning("%s: its ttl ran out while it waited for a run slot; not run", job.describe())
+                    return job.fault("the job's ttl ran out while it waited for a run slot")
                 started = time.monotonic()
                 submissions = job.execute(self.runtime)
                 job.timings.inference = time.monotonic() - started - job.timings.model_load \
@@ -269,6 +287,8 @@ class Daemon:
         return self._safe_fault(job, "internal error: the job did not produce one result per id")
 
     def _note_outcome(self, job: Job, submissions: list[Submission]) -> None:
+        if job.rejected:
+            return  # what the horde or a requester sent, not a failure of this worker: no pause for it
         if submissions and all(s.state == "faulted" for s in submissions):
             self._fault_streak += 1
             if self._fault_streak >= self.timings.fault_streak:
@@ -308,7 +328,8 @@ class Daemon:
                 return
             else:
                 self.stats.dropped(job.family)
-                log.warning("dropped %s %s: %s", job.kind, submission.job_id[:8], err)
+                why = " (retried until the job's ttl ran out)" if err.policy is Policy.RETRY else ""
+                log.warning("dropped %s %s: %s%s", job.kind, submission.job_id[:8], err, why)
         except Exception:
             self.stats.dropped(job.family)
             log.exception("dropped %s %s: sending raised", job.kind, submission.job_id[:8])
@@ -333,15 +354,28 @@ class Daemon:
         if self.cold:
             self._fault_unclaimed("the worker was stopped")
 
+    def _keep_for_restart(self, job: Job, submissions: list[Submission]) -> None:
+        """Finished results are saved until sent: a restart within their ttl sends them (bridge.resend)."""
+        deadline = job.deadline
+        if deadline is None:
+            return
+        expires_at = time.time() + deadline - time.monotonic()
+        for submission in submissions:
+            if submission.state != "faulted":
+                record = submission.to_record()
+                self.journal.keep_result(submission.job_id, family_of(job), expires_at, record)
+
     def _fault_back_leftovers(self) -> None:
         leftovers = {i: str(e.get("family", GENERATION)) for i, e in self.journal.leftovers.items()}
         if not leftovers:
+            resend_saved(self.client, self.journal, self.stats, fault_orphan_with(self.client))  # strays
             return
-        log.warning("%d job(s) were in flight when the worker last died: faulting them back to the horde",
-                    len(leftovers))
+        log.warning("%d job(s) were in flight when the worker last died: sending the results that were "
+                    "finished, faulting the rest back to the horde", len(leftovers))
         for job_id, family in leftovers.items():
             self.journal.add([job_id], family)
         self.journal.forget_leftovers()
+        resend_saved(self.client, self.journal, self.stats, fault_orphan_with(self.client))
         self._fault_unclaimed("the worker crashed while running this job")
 
     def _fault_unclaimed(self, reason: str) -> None:
@@ -358,10 +392,32 @@ class Daemon:
 
     # ---- waits --------------------------------------------------------------------------------------------
 
+    def _occupied(self) -> Counter[str]:
+        """Jobs per family that hold popping back: those waiting or running, less slow downloads (at most as
+        many again in all): a source host that takes its time must not stop the worker from popping."""
+        now = time.monotonic()
+        occupied = Counter(self._in_flight)
+        allowance = self._capacity
+        for family, began in self._downloads.values():
+            if allowance and now - began >= self.timings.slow_download_s:
+                occupied[family] -= 1
+                allowance -= 1
+        return occupied
+
+    @contextlib.contextmanager
+    def _downloading(self, job: Job) -> Iterator[None]:
+        with self._state:
+            self._downloads[id(job)] = (job.family, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._state:
+                del self._downloads[id(job)]
+
     def _pop_capacity(self, family: str) -> int:
         with self._state:
             busy = {f: self._in_flight[f] > 0 or self._found_work.get(f, False) for f in self._quotas}
-            return pop_capacity(family, quotas=self._quotas, in_flight=self._in_flight, busy=busy,
+            return pop_capacity(family, quotas=self._quotas, in_flight=self._occupied(), busy=busy,
                                 places=self._capacity)
 
     def _any_capacity(self) -> bool:
@@ -390,6 +446,10 @@ def fault_orphan(client: HordeClient, job_id: str, family: str, reason: str) -> 
             id=job_id, generation="faulted", state="faulted", seed=0,
             gen_metadata=[{"type": "information", "value": "see_ref", "ref": reason[:255]}]))
     return client.submit_interrogation(InterrogationSubmit(id=job_id, result={}, state="faulted"))
+
+
+def fault_orphan_with(client: HordeClient) -> Callable[[str, str, str], float]:
+    return lambda job_id, family, reason: fault_orphan(client, job_id, family, reason)
 
 
 def install_signal_handlers(daemon: Daemon, signal_module=None) -> Callable[[], None]:

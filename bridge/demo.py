@@ -83,6 +83,7 @@ def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list
         "dreamer": True, "alchemist": True, "force_cpu_generation": True, "forms": forms,
         "max_power": max(config.max_power, 8), "disable_terminal_ui": True, "stats_output_frequency": 0,
         "dynamic_models": False, "custom_model_reference": [], "allow_controlnet": True,
+        "allow_private_sources": True,  # the local horde's source URLs are on loopback
         "state_dir": str(Path(config.state_dir) / "demo"),
     })
 

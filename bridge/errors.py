@@ -22,8 +22,10 @@ that attempt: `already_delivered` says so, and the worker counts it delivered wi
 |---|---|---|---|
 | none (timeout, connection error, dropped) | - | any | RETRY |
 | 5xx | any (incl. the unknown-apikey KeyError 500 on submit) | any | RETRY |
-| 429 | flask-limiter text, `Retry-After` honoured | any | RETRY |
+| 429, 408 | flask-limiter text, `Retry-After` honoured; a proxy's request timeout | any | RETRY |
 | 2xx | body not JSON / not the documented shape | any | RETRY |
+| 3xx | a redirect: never followed (the key must not travel), logged | pop, submit | RETRY |
+| 3xx | a redirect | upload | FAULT (the result goes base64) |
 | 401 | InvalidAPIKey | pop | RETRY (reGen does; the retry budget bounds it) |
 | 401 | InvalidAPIKey | other / submit | STOP (the key is wrong) |
 | 403 | TooManyNewIPs | any | RETRY |
@@ -37,19 +39,29 @@ that attempt: `already_delivered` says so, and the worker counts it delivered wi
 | 400 | validation (no rc, `errors` logged) | submit | FAULT |
 | 400 | DuplicateGen, AbortedGen | submit | DROP |
 | 400 | any other rc (e.g. BadRequest for >50 gen_metadata) | submit | FAULT |
-| 404 | InvalidJobID or any other | submit | DROP (legacy: any 404 = stale job) |
+| 404 | InvalidJobID or any other rc | submit | DROP |
 | 404 | UserNotFound | other | STOP (the key belongs to no user) |
-| 4xx | anything else | pop | STOP (a permanent refusal we don't know; say what the server said) |
+| 4xx | any other rc: the horde's own refusal | pop | STOP (unknown refusal: say what the server said) |
+| 4xx | any other rc | submit | DROP |
+| 4xx | no rc (a CDN's or proxy's HTML page, a route the horde does not have) | pop, submit | RETRY |
 | 4xx | anything else (e.g. 403 signature expired from R2) | upload | FAULT |
 | 4xx | anything else (NotOwner, WorkerNotFound, NoWorkerModSelected, ...) | other | DROP |
 | other | anything | any | DROP |
+
+Only the horde's own refusals (an `rc`, or its validation 400) stop the worker: one odd answer from something
+in between (a CDN's 403 page, a proxy's 408) must not end a volunteer's worker for good. Server text is
+sanitised here (one line, no control characters, the api key and presigned credentials masked) before it
+becomes a message.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterable
 from typing import Any, ClassVar
+
+from bridge.safe_text import server_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,26 +179,34 @@ def endpoint_kind(endpoint: str) -> str:
     return tail if tail in ("pop", "submit", "upload") else "other"
 
 
-def _body_fields(body: dict | str | None) -> tuple[str | None, str, dict[str, Any]]:
-    """(rc, message, errors) from a horde error body; tolerant of text (flask-limiter, R2 XML, proxies)."""
+def _body_fields(body: dict | str | None, secrets: Iterable[str]) -> tuple[str | None, str, dict[str, Any]]:
+    """(rc, message, errors) from a horde error body; tolerant of text (flask-limiter, R2 XML, proxies).
+    Every string in it is server text: sanitised and masked before anyone logs it."""
+    secrets = list(secrets)
     if isinstance(body, dict):
         rc = body.get("rc")
         message = body.get("message")
         errors = body.get("errors")
+        clean_errors = {
+            server_text(k, secrets, limit=80): server_text(v, secrets, limit=200)
+            for k, v in list(errors.items())[:20]
+        } if isinstance(errors, dict) else {}
         return (
-            str(rc) if rc else None,
-            str(message) if message else "",
-            errors if isinstance(errors, dict) else {},
+            server_text(rc, secrets, limit=60) if rc and isinstance(rc, str | int) else None,
+            server_text(message, secrets) if message else "",
+            clean_errors,
         )
     text = (body or "").strip()
     # A proxy's HTML page can be huge; the first line is what a log reader needs.
-    return None, text.splitlines()[0][:300] if text else "", {}
+    return None, server_text(text.splitlines()[0], secrets) if text else "", {}
 
 
-def _policy(status: int | None, rc: str | None, message: str, kind: str) -> Policy:
+def _policy(status: int | None, rc: str | None, message: str, kind: str, errors: dict[str, Any]) -> Policy:
     """The table of the module docstring, in order."""
-    if status is None or status >= 500 or status == 429 or 200 <= status < 300:
+    if status is None or status >= 500 or status in (408, 429) or 200 <= status < 300:
         return Policy.RETRY
+    if 300 <= status < 400:
+        return {"pop": Policy.RETRY, "submit": Policy.RETRY, "upload": Policy.FAULT}.get(kind, Policy.DROP)
     if rc in _MAINTENANCE_RCS or (status == 403 and "maintenance mode" in message.lower()):
         return Policy.MAINTENANCE
     if rc == "TooManyNewIPs":
@@ -195,6 +215,9 @@ def _policy(status: int | None, rc: str | None, message: str, kind: str) -> Poli
         return Policy.RETRY if kind == "pop" else Policy.STOP
     if rc in _ANY_STOP_RCS:
         return Policy.STOP
+    own_refusal = rc is not None or (status == 400 and bool(errors))
+    if kind in ("pop", "submit") and 400 <= status < 500 and not own_refusal:
+        return Policy.RETRY  # not the horde's word: a CDN, a proxy, a route that is not (yet) there
     if kind == "pop":
         return Policy.STOP if 400 <= status < 500 else Policy.DROP
     if kind == "submit":
@@ -214,11 +237,13 @@ def classify(
     *,
     endpoint: str,
     retry_after: float | None = None,
+    secrets: Iterable[str] = (),
 ) -> HordeError:
-    """The typed error for a failed response (status None: no response at all)."""
-    rc, message, errors = _body_fields(body)
+    """The typed error for a failed response (status None: no response at all). `secrets` (the api key, a
+    presigned URL's credentials) are masked wherever the server's text echoes them."""
+    rc, message, errors = _body_fields(body, secrets)
     kind = endpoint_kind(endpoint)
-    policy = _policy(status, rc, message, kind)
+    policy = _policy(status, rc, message, kind, errors)
     if status is not None and 200 <= status < 300:
         message = f"malformed response: {message or 'empty body'}"
     elif not message:
@@ -228,10 +253,10 @@ def classify(
         logger.warning("%s rejected as invalid: %s", endpoint, errors)
     if policy is Policy.STOP:
         advice = _STOP_ADVICE.get(rc or "", _VALIDATION_ADVICE if errors else "")
-        if not advice and status == 404:
-            advice = "the horde has no such route: check horde_url in the config"
         if advice:
             message = f"{message} -> {advice}"
+    elif status == 404 and rc is None and kind in ("pop", "other"):
+        message = f"{message} -> the horde has no such route: check horde_url in the config"
     return _CLASS_OF[policy](
         message, status=status, rc=rc, endpoint=endpoint, errors=errors, retry_after=retry_after
     )

@@ -2,8 +2,11 @@
 
 One `requests.Session` carries the `apikey` and `Client-Agent` headers for every horde call. R2 uploads go
 through a second, header-less session: a presigned URL belongs to a third party, and the key must never
-travel there. Every failure becomes a `bridge.errors.HordeError` subclass; RETRY-policy errors are retried
-here by the one RetryPolicy, the rest are raised for the caller to act on.
+travel there. Redirects are never followed (a 302 to another host would carry the key there, and a submit
+landing elsewhere loses the job): a redirect answer is an error with a log line naming where it pointed.
+Every failure becomes a `bridge.errors.HordeError` subclass; RETRY-policy errors are retried here by the one
+RetryPolicy (until a job's ttl deadline for submits and uploads), the rest are raised for the caller to act
+on. Pop replies are read by `bridge.pop_reader`: ids first, then field by field.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from pydantic import BaseModel, ValidationError
@@ -28,8 +31,10 @@ from bridge.api_models import (
     InterrogationSubmit,
     SubmitResponse,
 )
-from bridge.errors import MaintenanceError, classify, mask_key, redact
+from bridge.errors import HordeError, MaintenanceError, classify, mask_key
+from bridge.pop_reader import read_generation_pop, read_interrogation_pop
 from bridge.retry import RetryPolicy
+from bridge.safe_text import server_text, url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,14 @@ def api_root(base_url: str) -> str:
 def safe_url(url: str) -> str:
     """A URL without its query: presigned URLs carry their signature there."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return server_text(f"{parts.scheme}://{parts.netloc}{parts.path}", limit=200)
+
+
+def origin(url: str) -> str:
+    """scheme://host:port, the unit the api key is bound to."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -129,17 +141,24 @@ class HordeClient:
 
     # ---- the horde endpoints -------------------------------------------------------------------------
     def pop_generation(self, request: GenerationPopRequest) -> GenerationPopResponse:
-        return self._pop("generate/pop", request, GenerationPopResponse)
+        return self._pop("generate/pop", request, read_generation_pop)
 
-    def submit_generation(self, submit: GenerationSubmit) -> float:
-        reply = self._call("POST", "generate/submit", json=submit.body(), parse=_model(SubmitResponse))
+    def submit_generation(self, submit: GenerationSubmit, *, deadline: float | None = None) -> float:
+        """`deadline` (a monotonic time, the job's ttl): retry transient failures until then, however many."""
+        reply = self._call(
+            "POST", "generate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline,
+            persist=True,
+        )
         return reply.reward
 
     def pop_interrogation(self, request: InterrogationPopRequest) -> InterrogationPopResponse:
-        return self._pop("interrogate/pop", request, InterrogationPopResponse)
+        return self._pop("interrogate/pop", request, read_interrogation_pop)
 
-    def submit_interrogation(self, submit: InterrogationSubmit) -> float:
-        reply = self._call("POST", "interrogate/submit", json=submit.body(), parse=_model(SubmitResponse))
+    def submit_interrogation(self, submit: InterrogationSubmit, *, deadline: float | None = None) -> float:
+        reply = self._call(
+            "POST", "interrogate/submit", json=submit.body(), parse=_model(SubmitResponse), deadline=deadline,
+            persist=True,
+        )
         return reply.reward
 
     def find_user(self) -> dict:
@@ -163,37 +182,44 @@ class HordeClient:
     def heartbeat(self) -> dict:
         return self._call("GET", "status/heartbeat", parse=_dict)
 
-    def upload(self, url: str, data: bytes) -> None:
+    def upload(self, url: str, data: bytes, *, deadline: float | None = None) -> None:
         """PUT raw bytes to a presigned R2 URL. No Content-Type: it is not part of the signature, and a
-        header the signer did not expect can make the store refuse the request."""
+        header the signer did not expect can make the store refuse the request. No redirects either: the
+        store answers where it was asked. Transient failures get the policy's few retries, none past
+        `deadline`: the caller has a base64 submit to fall back on."""
         if urlsplit(url).scheme not in ("http", "https"):
             raise classify(
                 400, f"refusing to upload to a non-http(s) URL {safe_url(url)!r}", endpoint="upload"
             )
+        secrets = self._secrets(url)
 
         def attempt() -> None:
             try:
-                response = self._upload_session.put(url, data=data, timeout=self.upload_timeout)
+                timeout = self._timeout(self.upload_timeout, deadline)
+                response = self._upload_session.put(url, data=data, timeout=timeout, allow_redirects=False)
             except requests.RequestException as exc:
                 raise classify(None, self._describe(exc, url), endpoint="upload") from exc
+            if 300 <= response.status_code < 400:
+                raise self._redirected(response, "upload")
             if not 200 <= response.status_code < 300:
                 raise classify(
                     response.status_code,
-                    self._clean(response.text[:300], url),
+                    response.text[:300],
                     endpoint="upload",
                     retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                    secrets=secrets,
                 )
 
         started = time.monotonic()
-        self.retry.call(attempt, what=f"upload to {urlsplit(url).netloc}")
+        self.retry.call(attempt, what=f"upload to {safe_url(url)}", deadline=deadline)
         logger.debug(
             "uploaded %d bytes to %s in %.2f s", len(data), safe_url(url), time.monotonic() - started
         )
 
     # ---- plumbing ------------------------------------------------------------------------------------
-    def _pop(self, endpoint: str, request: BaseModel, reply: type[M]) -> M:
+    def _pop(self, endpoint: str, request: BaseModel, read: Callable[[Any], M]) -> M:
         try:
-            popped = self._call("POST", endpoint, json=request.model_dump(mode="json"), parse=_model(reply))
+            popped = self._call("POST", endpoint, json=request.model_dump(mode="json"), parse=read)
         except MaintenanceError as exc:
             self._note_maintenance(exc)
             raise
@@ -208,46 +234,73 @@ class HordeClient:
         parse: Callable[[Any], T],
         endpoint: str | None = None,
         json: Any = None,
+        deadline: float | None = None,
+        persist: bool = False,
     ) -> T:
         endpoint = endpoint or path
         url = f"{self.base_url}/api/v2/{path}"
+        if origin(url) != origin(self.base_url):  # a path that is really a URL must not take the key along
+            raise ValueError(f"refusing to send the api key outside {self.base_url}")
+        secrets = self._secrets(url)
 
         def attempt() -> T:
             started = time.monotonic()
             try:
-                response = self.session.request(method, url, json=json, timeout=self.timeout)
+                response = self.session.request(
+                    method, url, json=json, timeout=self._timeout(self.timeout, deadline),
+                    allow_redirects=False
+                )
             except requests.RequestException as exc:
                 raise classify(None, self._describe(exc, url), endpoint=endpoint) from exc
             logger.debug(
                 "%s %s -> %d in %.2f s", method, endpoint, response.status_code, time.monotonic() - started
             )
+            if 300 <= response.status_code < 400:
+                raise self._redirected(response, endpoint)
             body = self._body(response)
             if not 200 <= response.status_code < 300 or isinstance(body, str):
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                raise classify(response.status_code, body, endpoint=endpoint, retry_after=retry_after)
+                raise classify(
+                    response.status_code, body, endpoint=endpoint, retry_after=retry_after, secrets=secrets
+                )
             try:
                 return parse(body)
             except (ValidationError, TypeError, ValueError) as exc:
                 # A 2xx we cannot read: the reply was garbled on the way, so asking again is the fix.
-                text = self._clean(f"unexpected reply shape: {str(exc)[:300]}", url)
-                raise classify(response.status_code, text, endpoint=endpoint) from None
+                text = f"unexpected reply shape: {str(exc)[:300]}"
+                raise classify(response.status_code, text, endpoint=endpoint, secrets=secrets) from None
 
-        return self.retry.call(attempt, what=f"{method} {endpoint}")
+        what = f"{method} {endpoint}"
+        return self.retry.call(attempt, what=what, deadline=deadline, until_deadline=persist)
+
+    def _redirected(self, response: requests.Response, endpoint: str) -> HordeError:
+        """A 3xx is an error, never a hop: the key (or an upload) would follow it to wherever it points."""
+        target = urljoin(response.url or "", response.headers.get("Location") or "")
+        where = safe_url(target) if target else "nowhere"
+        text = (f"answered {response.status_code} redirecting to {where}: not followed (the api key and "
+                f"results go to {self.base_url} only; check horde_url if the horde has moved)")
+        logger.warning("%s %s", endpoint, server_text(text, self._secrets(target)))
+        return classify(response.status_code, text, endpoint=endpoint, secrets=self._secrets(target))
+
+    @staticmethod
+    def _timeout(limit: float, deadline: float | None) -> float:
+        """One attempt's timeout: no later than the deadline, but long enough to get an answer at all."""
+        if deadline is None:
+            return limit
+        return max(min(limit, 1.0), min(limit, deadline - time.monotonic()))
+
+    def _secrets(self, url: str | None = None) -> list[str]:
+        return [self._api_key, *url_secrets(url)]
 
     def _body(self, response: requests.Response) -> Any:
-        """The JSON body, or the (cleaned) text when the body is not JSON."""
+        """The JSON body, or its text when the body is not JSON (classify sanitises it)."""
         try:
             return response.json()
         except ValueError:
-            return self._clean(response.text[:1000], response.url or "")
-
-    def _clean(self, text: str, url: str) -> str:
-        text = redact(text, self._api_key)
-        query = urlsplit(url).query
-        return text.replace(query, "…") if query else text
+            return response.text[:1000]
 
     def _describe(self, exc: BaseException, url: str) -> str:
-        return self._clean(f"{type(exc).__name__}: {exc}", url)
+        return server_text(f"{type(exc).__name__}: {exc}", self._secrets(url))
 
 
 def _model(model: type[M]) -> Callable[[Any], M]:

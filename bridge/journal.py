@@ -5,16 +5,22 @@ horde dropped it). The file is replaced atomically (write, fsync, rename): a kil
 either the old or the new list, never a torn one. The journal is also the single arbiter of "who submits
 this id": `claim` succeeds once per id, so a cold shutdown and a job finishing at the same moment never
 submit twice.
+
+A finished result that is not submitted yet is kept beside it (`<journal>-results/`, one file per id, named
+by a hash: ids come from the server and must not choose file names), with the wall-clock time its ttl ends:
+a worker restarted within that time sends the result instead of faulting the job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bridge.families import ALCHEMY, GENERATION
 
@@ -42,13 +48,40 @@ class Journal:
         return {str(k): dict(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self._entries, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, self._entries)
+
+    # ---- results not sent yet ------------------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        return self.path.with_name(self.path.stem + "-results")
+
+    def _result_path(self, job_id: str) -> Path:
+        digest = hashlib.sha256(job_id.encode("utf-8", "replace")).hexdigest()[:32]
+        return self.results_dir / f"{digest}.json"
+
+    def keep_result(self, job_id: str, family: str, expires_at: float, submission: dict[str, Any]) -> None:
+        """Save an unsent result (a Submission record) until `expires_at` (time.time()). Best effort: a full
+        disk must not cost the result its first submit."""
+        record = {"job_id": job_id, "family": family, "expires_at": expires_at, "submission": submission}
+        try:
+            _write_atomic(self._result_path(job_id), record)
+        except OSError as err:
+            log.warning("could not keep the result of %s for a restart: %s", job_id[:8], err)
+
+    def saved_results(self) -> dict[str, dict[str, Any]]:
+        """id -> saved record, as found on disk (read at start, before anything new is kept)."""
+        found: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.results_dir.glob("*.json")) if self.results_dir.is_dir() else []:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                found[str(record["job_id"])] = record
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("saved result %s unreadable (%s): removed", path.name, err)
+                path.unlink(missing_ok=True)
+        return found
+
+    def forget_result(self, job_id: str) -> None:
+        self._result_path(job_id).unlink(missing_ok=True)
 
     def add(self, ids: list[str], family: str) -> None:
         with self._lock:
@@ -71,6 +104,7 @@ class Journal:
             self._claimed.discard(job_id)
             if self._entries.pop(job_id, None) is not None:
                 self._write()
+        self.forget_result(job_id)
 
     def unclaimed(self) -> dict[str, str]:
         """id -> family of every in-flight id nobody has claimed yet."""
@@ -83,3 +117,14 @@ class Journal:
 
     def forget_leftovers(self) -> None:
         self.leftovers = {}
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    """Write, fsync, rename: a kill at any moment leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

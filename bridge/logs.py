@@ -1,4 +1,6 @@
-"""Logging set-up: one format, optional file, and a filter that masks the API key in every record."""
+"""Logging set-up: one format, optional file, and a filter that masks the API key in every record and keeps
+every argument on one line (server text that slipped through unsanitised cannot forge log lines or send
+escape sequences to the terminal)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from bridge.safe_text import one_line
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 NOISY = ("urllib3", "PIL", "diffusers", "transformers", "httpx", "filelock", "huggingface_hub")
@@ -19,6 +23,8 @@ class SecretFilter(logging.Filter):
         self.secrets = [s for s in secrets if s and len(s) >= 6]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_one_line_arg(arg) for arg in record.args)
         if not self.secrets:
             return True
         message = record.getMessage()
@@ -35,6 +41,15 @@ class SecretFilter(logging.Filter):
                 record.exc_text = None
             record.msg, record.args = masked, None
         return True
+
+
+def _one_line_arg(arg: object) -> object:
+    """Strings and exceptions (whose text may be anyone's) as one clean line; the rest as it is."""
+    if isinstance(arg, str):
+        return one_line(arg, None)
+    if isinstance(arg, BaseException):
+        return one_line(f"{arg}", None)
+    return arg
 
 
 def setup_logging(verbosity: int, log_file: Path | None, secrets: list[str], *, console=None) -> None:

@@ -53,12 +53,22 @@ class RetryPolicy:
             return self.cancel.is_set()
         return self.cancel.wait(seconds)
 
-    def call(self, fn: Callable[[], T], *, what: str = "request") -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        what: str = "request",
+        deadline: float | None = None,
+        until_deadline: bool = False,
+    ) -> T:
         """Run `fn`; retry it while it raises a RETRY-policy HordeError and the budget lasts.
 
-        Raises the last error once attempts or elapsed time run out, or at once when cancelled. Errors of
-        any other policy pass straight through. The raised error carries the earlier attempts' errors
-        (`earlier`): a DuplicateGen after a lost answer means the lost attempt was accepted.
+        The budget is `max_attempts` / `max_elapsed`; no retry starts after `deadline` (a `clock()` time, such
+        as a job's ttl). With `until_deadline` the count does not matter, only the deadline: a finished result
+        is worth retrying for as long as the horde still takes it. Raises the last error once the budget runs
+        out, or at once when cancelled. Errors of any other policy pass straight through. The raised error
+        carries the earlier attempts' errors (`earlier`): a DuplicateGen after a lost answer means the lost
+        attempt was accepted.
         """
         start = self.clock()
         attempt = 0
@@ -73,8 +83,11 @@ class RetryPolicy:
                 if exc.policy is not Policy.RETRY:
                     raise
                 delay = self.delay(attempt, exc.retry_after)
-                elapsed = self.clock() - start
-                if attempt >= self.max_attempts or elapsed + delay > self.max_elapsed:
+                now = self.clock()
+                out_of_budget = deadline is not None and now + delay >= deadline
+                if not (until_deadline and deadline is not None):
+                    out_of_budget |= attempt >= self.max_attempts or now - start + delay > self.max_elapsed
+                if out_of_budget:
                     logger.warning("%s failed after %d attempt(s): %s", what, attempt, exc)
                     raise
                 logger.info("%s failed (%s); retry %d in %.1f s", what, exc, attempt, delay)

@@ -39,6 +39,7 @@ class StatsReporter:
 
 
 def render(stats: Stats, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
     snap = stats.snapshot()
@@ -53,7 +54,8 @@ def render(stats: Stats, title: str):
     for name, family in snap.families.items():
         table.add_row(name, family_line(family))
     table.add_row("in flight", str(snap.in_flight))
-    table.add_row("last job", snap.last_job or "-")
+    # Model names come from the horde: shown as text, never read as rich markup ("[link=...]").
+    table.add_row("last job", escape(snap.last_job) if snap.last_job else "-")
     return table
 
 

@@ -196,7 +196,8 @@ def build_worker(
     names = {key: value for key in ("caption_model", "clip_model", "nsfw_model")
              if (value := getattr(config, key)) is not None}
     names.update(interrogator_models or {})
-    runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
+    runtime = Runtime(config=config, device=device,
+                      fetcher=SourceFetcher(allow_private=config.allow_private_sources))
     runtime.cache = cache
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []

@@ -12,9 +12,13 @@ requeues, bridge_agent capabilities (an unknown bridge name gets none: no r2, no
 img2img/post-processing...). Requester helpers (`request_generation`, `request_interrogation`, `host_image`,
 `generation_status`, `interrogation_status`, `wait_done`, `download`) go over real HTTP and are never
 faulted. `horde.faults` (see faults.py) injects 5xx, 429, hangs, drops, malformed bodies, latency, an upload
-bandwidth cap and forced expiry; `horde.expire(id)` aborts a job now. `python -m local_horde` runs one.
+bandwidth cap and forced expiry, and the hostile kinds: redirects, trickled headers, HTML error pages, errors
+echoing the api key, wrong-type fields, moderator messages and over-delivered pops; `horde.expire(id)` aborts
+a job now. `RecordingHost` (elsewhere.py) is another origin that records what reaches it. `python -m
+local_horde` runs one.
 """
 
+from local_horde.elsewhere import RecordingHost, SeenRequest
 from local_horde.faults import (
     CORRUPT_IMAGE_BYTES,
     Fault,
@@ -28,6 +32,8 @@ from local_horde.state import ANON_API_KEY, Accounting
 __all__ = [
     "ANON_API_KEY",
     "CORRUPT_IMAGE_BYTES",
+    "RecordingHost",
+    "SeenRequest",
     "DEFAULT_API_KEY",
     "Accounting",
     "Fault",

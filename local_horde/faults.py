@@ -8,6 +8,7 @@ never faulted, so a test's bookkeeping stays reliable while the worker side misb
 
 from __future__ import annotations
 
+import copy
 import enum
 import fnmatch
 import functools
@@ -16,7 +17,9 @@ import random
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,16 @@ class FaultKind(enum.StrEnum):
     DROP = "drop"  # close the socket without writing any response
     MALFORMED = "malformed"  # 200 with a body that is not valid JSON
     EXPIRE = "expire"  # submit endpoints only: the job is aborted (ttl) just before the submit is handled
+    REDIRECT = "redirect"  # answer 3xx with a Location (another origin, a private address...)
+    TRICKLE = "trickle"  # send the status line and headers a byte at a time, never finishing them
+    REWRITE = "rewrite"  # the real answer, edited by a function (wrong-type fields, moderator messages...)
+    OVER_DELIVER = "over_deliver"  # a pop handled as if it had asked for `extra` more jobs than it did
+
+# A CDN's or proxy's error page: HTML, no JSON, no rc.
+HTML_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>{status} Error</title></head>\n<body><h1>{status}</h1>"
+    "<p>The request was blocked by the content delivery network.</p></body></html>\n"
+)
 
 
 @dataclass
@@ -49,6 +62,11 @@ class Fault:
     retry_after: float = 1.0
     hang_s: float = 5.0
     after: bool = False
+    html: bool = False  # STATUS: an HTML page instead of the horde's JSON
+    location: str = ""  # REDIRECT target
+    interval_s: float = 0.5  # TRICKLE: seconds between header bytes
+    extra: int = 0  # OVER_DELIVER
+    edit: Callable[[Any], Any] | None = None  # REWRITE: body -> new body, or None when it does not apply
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -56,8 +74,12 @@ class Fault:
             return False
         return fnmatch.fnmatchcase(path, self.pattern)
 
-    def body(self) -> dict:
-        body: dict = {"message": self.message or _default_message(self.status)}
+    def body(self, api_key: str = "", query: str = "") -> dict:
+        """`{apikey}` / `{query}` in the message become the key / the URL query the request carried (a server
+        echoing credentials back: the horde quoting the key, an object store quoting the signature)."""
+        message = (self.message or _default_message(self.status)).replace("{apikey}", api_key)
+        message = message.replace("{query}", query)
+        body: dict = {"message": message}
         if self.rc:
             body["rc"] = self.rc
         return body
@@ -92,6 +114,10 @@ class FaultInjector:
         horde.faults.drop("*/submit", after=True)                      # submit applied, answer lost
         horde.faults.malformed("*/interrogate/pop", probability=0.2)   # 20% of pops, seeded RNG, no limit
         horde.faults.expire_on_submit()                                # next submit -> AbortedGen + requeue
+        horde.faults.redirect("*/generate/pop", "http://127.0.0.2:9/")  # 307 to another origin
+        horde.faults.trickle("/r2/hosted/*", seconds=30)               # headers dripping, never finished
+        horde.faults.wrong_type("payload.ddim_steps", "many")          # next job reply carries a bad field
+        horde.faults.over_deliver("*/pop", extra=2)                    # more jobs than the worker asked for
         horde.faults.latency_s = 0.1; horde.faults.upload_bandwidth = 50_000
 
     `count` is how many times a fault fires (None: unlimited). Given a `probability` and the default count,
@@ -142,7 +168,10 @@ class FaultInjector:
         message: str | None = None,
         method: str | None = None,
         after: bool = False,
+        html: bool = False,
     ) -> Fault:
+        """`html`: a CDN's HTML error page instead of the horde's JSON; `{apikey}` and `{query}` in `message`
+        are replaced by the key and the URL query the request carried."""
         return self._new(
             FaultKind.STATUS,
             pattern,
@@ -153,6 +182,7 @@ class FaultInjector:
             message=message,
             method=method,
             after=after,
+            html=html,
         )
 
     def rate_limit(
@@ -210,6 +240,72 @@ class FaultInjector:
     ) -> Fault:
         return self._new(FaultKind.MALFORMED, pattern, count, probability, method=method, after=after)
 
+    def redirect(
+        self, pattern: str, location: str, *, status: int = 307, count: int | None = 1,
+        probability: float | None = None, method: str | None = None,
+    ) -> Fault:
+        """Answer `status` with `Location: location` instead of handling the request."""
+        return self._new(FaultKind.REDIRECT, pattern, count, probability, status=status, location=location,
+                         method=method)
+
+    def trickle(
+        self, pattern: str, seconds: float, *, interval_s: float = 0.5, count: int | None = 1,
+        probability: float | None = None, method: str | None = None,
+    ) -> Fault:
+        """Send a status line and headers one byte per `interval_s`, for `seconds`, never ending them: the
+        client's per-read timeout never fires."""
+        return self._new(FaultKind.TRICKLE, pattern, count, probability, hang_s=seconds,
+                         interval_s=interval_s, method=method)
+
+    def rewrite(
+        self, pattern: str, edit: Callable[[Any], Any], *, count: int | None = 1, method: str | None = None
+    ) -> Fault:
+        """Handle the request, then answer `edit(body)` (a deep copy). `edit` returns None when the answer
+        is not one to edit (an idle pop, say): such answers pass unchanged and do not use up `count`."""
+        return self.add(Fault(FaultKind.REWRITE, pattern, method=method, remaining=count, edit=edit))
+
+    def wrong_type(self, field: str, value: Any, *, count: int | None = 1) -> Fault:
+        """The next generate/pop reply carrying a job gets `value` for `field` ("ttl", "payload.ddim_steps").
+        For alchemy forms, `form.<key>` ("form.payload", "form.id") sets it in the first form."""
+        head, _, key = field.partition(".")
+
+        def edit(body: Any) -> Any:
+            if head == "form":
+                forms = body.get("forms") if isinstance(body, dict) else None
+                if not forms:
+                    return None
+                forms[0][key] = value
+                return body
+            if not isinstance(body, dict) or not body.get("ids"):
+                return None
+            if head == "payload" and key:
+                body["payload"][key] = value
+            else:
+                body[field] = value
+            return body
+
+        pattern = "*/interrogate/pop" if head == "form" else "*/generate/pop"
+        return self.rewrite(pattern, edit, count=count)
+
+    def messages(self, *texts: str, pattern: str = "*/generate/pop", count: int | None = 1) -> Fault:
+        """Pop replies carry these moderator messages (the horde relays them on every pop)."""
+        messages = [{"id": f"m{i}", "message": t, "origin": "moderator"} for i, t in enumerate(texts)]
+
+        def edit(body: Any) -> Any:
+            if not isinstance(body, dict) or "messages" not in body:
+                return None
+            body["messages"] = list(messages)
+            return body
+
+        return self.rewrite(pattern, edit, count=count)
+
+    def over_deliver(
+        self, pattern: str = "*/pop", *, extra: int = 2, count: int | None = 1,
+        probability: float | None = None,
+    ) -> Fault:
+        """The next matching pop is served as if `amount` were `extra` more than the worker asked for."""
+        return self._new(FaultKind.OVER_DELIVER, pattern, count, probability, method="POST", extra=extra)
+
     def expire_on_submit(
         self, pattern: str = "*/submit", *, count: int | None = 1, probability: float | None = None
     ) -> Fault:
@@ -242,6 +338,27 @@ class FaultInjector:
                 logger.info("local horde: injecting %s on %s %s", fault.kind.value, method, path)
                 return fault
         return None
+
+    def edited(self, method: str, path: str, body: Any) -> Any:
+        """`body` as the first applicable REWRITE fault edits it (consuming one of its count), else `body`."""
+        with self._lock:
+            candidates = [f for f in self.faults if f.kind == FaultKind.REWRITE and f.matches(method, path)
+                          and (f.remaining is None or f.remaining > 0)]
+        for fault in candidates:
+            assert fault.edit is not None
+            new = fault.edit(copy.deepcopy(body))
+            if new is None:
+                continue
+            with self._lock:
+                if fault.remaining is not None:
+                    if fault.remaining <= 0:
+                        continue
+                    fault.remaining -= 1
+                fault.fired += 1
+                self.history.append(FiredFault(fault.kind, method, path))
+            logger.info("local horde: rewriting the answer to %s %s", method, path)
+            return new
+        return body
 
     def fired(self, kind: FaultKind | None = None) -> list[FiredFault]:
         with self._lock:

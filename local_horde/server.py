@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from local_horde.api import HORDE_VERSION, ApiRequest, HordeApi, parse_query
-from local_horde.faults import MALFORMED_BODY, Fault, FaultInjector, FaultKind
+from local_horde.faults import HTML_PAGE, MALFORMED_BODY, Fault, FaultInjector, FaultKind
 from local_horde.state import ApiError
 from local_horde.store import ObjectStore, StoreError
 
@@ -27,6 +27,8 @@ TRANSPORT_FAULTS = (
     FaultKind.HANG,
     FaultKind.DROP,
     FaultKind.MALFORMED,
+    FaultKind.REDIRECT,
+    FaultKind.TRICKLE,
 )
 UPLOAD_CHUNK = 16 * 1024
 
@@ -91,6 +93,10 @@ class HordeTransport:
             h.close_connection = True
         elif kind == FaultKind.MALFORMED:
             self._send(h, Response(200, MALFORMED_BODY))
+        elif kind == FaultKind.REDIRECT:
+            self._send(h, Response(fault.status, b"", "text/plain", {"Location": fault.location}))
+        elif kind == FaultKind.TRICKLE:
+            self._trickle(h, fault)
         elif kind == FaultKind.RATE_LIMIT:
             headers = {
                 "Retry-After": f"{fault.retry_after:g}",
@@ -99,8 +105,26 @@ class HordeTransport:
                 "X-RateLimit-Reset": f"{time.time() + fault.retry_after:.0f}",
             }
             self._send(h, Response.json(429, {"message": "Too Many Requests: 60 per 1 second"}, headers))
+        elif fault.html:
+            page = HTML_PAGE.format(status=fault.status).encode()
+            self._send(h, Response(fault.status, page, "text/html; charset=utf-8"))
         else:
-            self._send(h, Response.json(fault.status, fault.body()))
+            body = fault.body(h.headers.get("apikey") or "", urlsplit(h.path).query)
+            self._send(h, Response.json(fault.status, body))
+
+    def _trickle(self, h: BaseHTTPRequestHandler, fault: Fault) -> None:
+        """A status line, then header bytes one at a time: every read the client makes gets something."""
+        h.close_connection = True
+        ends = time.monotonic() + fault.hang_s
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/webp\r\nX-Slow: "
+        try:
+            h.wfile.write(head)
+            h.wfile.flush()
+            while time.monotonic() < ends and not self.stopping.wait(fault.interval_s):
+                h.wfile.write(b"a")
+                h.wfile.flush()
+        except OSError:
+            pass  # the client gave up: that is what it should do
 
     # ---- API -------------------------------------------------------------------------------------------
     def _api_call(
@@ -112,11 +136,17 @@ class HordeTransport:
         except ValueError:
             return Response.json(400, {"message": "Failed to decode JSON object: the body is not valid JSON"})
         headers = {k.lower(): v for k, v in h.headers.items()}
+        if not bypass and isinstance(body, dict):
+            over = self.faults.take(method, path, kinds=(FaultKind.OVER_DELIVER,))
+            if over is not None:
+                body = {**body, "amount": int(body.get("amount") or 1) + over.extra}
         req = ApiRequest(method, path, parse_query(query), headers, body, {})
         try:
             if not bypass and method == "POST" and path.endswith("/submit"):
                 self._maybe_expire(path, body)
             status, payload = self.api.dispatch(req)
+            if not bypass:
+                payload = self.faults.edited(method, path, payload)
             return Response.json(status, payload)
         except ApiError as err:
             return Response.json(err.status, err.body(), err.headers)

@@ -244,6 +244,16 @@ def _folder_parameters(folder: Path) -> int | None:
     return total or None
 
 
+def inside(files_dir: Path, relative: str | PurePosixPath) -> Path:
+    """`files_dir / relative`, refused unless it stays inside `files_dir`: a reference (a file from the
+    internet) must not point the loader at the rest of the disk. Checked on the path's text, not by resolving
+    it: an operator may keep the model folder's files as symlinks to another disk."""
+    rel = PurePosixPath(str(relative))
+    if rel.is_absolute() or ".." in rel.parts or str(relative).startswith("~"):
+        raise ModelLoadError(f"reference path {str(relative)!r} points outside the model folder")
+    return files_dir / rel
+
+
 def plan_load(record: ModelRecord, files_dir: Path) -> LoadPlan:
     """Decide how to load `record` whose verified files are under `files_dir`."""
     files_dir = Path(files_dir)
@@ -256,12 +266,14 @@ def plan_load(record: ModelRecord, files_dir: Path) -> LoadPlan:
         None,
     )
     if index is not None or (not paths and (files_dir / "model_index.json").is_file()):
-        folder = files_dir / index.parent if index is not None else files_dir
+        folder = inside(files_dir, index.parent) if index is not None else files_dir
         return LoadPlan(record.name, "folder", folder, None, False, None, _folder_parameters(folder))
     checkpoint = next((p for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES), None)
     if checkpoint is None:
         raise ModelLoadError(f"model {record.name!r}: no checkpoint or diffusers folder among its files")
-    path, source = files_dir / checkpoint, None
+    # Local custom records may name a checkpoint anywhere (the operator's own disk); reference ones may not.
+    path = files_dir / checkpoint if record.base_dir is not None else inside(files_dir, checkpoint)
+    source = None
     if path.suffix.lower() in PICKLE_SUFFIXES:
         twin = usable_twin(path, checkpoint_sha256(record, path))
         if twin is not None:
@@ -269,7 +281,7 @@ def plan_load(record: ModelRecord, files_dir: Path) -> LoadPlan:
     info = read_checkpoint_info(path)
     family = select_family(record, info)
     if own_config:
-        config_dir, shipped = files_dir / str(own_config), False
+        config_dir, shipped = inside(files_dir, str(own_config)), False
     else:
         config_dir, shipped = CONFIGS_DIR / family, True
     return LoadPlan(

@@ -130,7 +130,17 @@ class ModelManager:
         with self._lock:
             plan = self._plans.get(name)
         if plan is None:
-            plan = plan_load(self.record(name), self.files_dir(name))
+            try:
+                plan = plan_load(self.record(name), self.files_dir(name))
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                # A checkpoint whose header cannot be read (a corrupt .safetensors) is as broken as one that
+                # fails later in diffusers: the model must stop being advertised.
+                reason = str(exc).splitlines()[0] if str(exc) else ""
+                raise ModelLoadError(
+                    f"model {name!r} cannot be read: {type(exc).__name__}: {reason}"
+                ) from exc
             with self._lock:
                 self._plans[name] = plan
         return plan

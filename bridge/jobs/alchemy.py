@@ -2,9 +2,11 @@
 
 Every form is one horde id with one source image. `prepare` downloads the source; `execute` runs the form and
 returns its single Submission; `send` submits `{"<form>": result}` (post-processor forms first PUT their webp
-to the presigned `r2_upload` and submit `{"<form>": "R2"}`). A form this worker cannot serve, or whose
-source cannot be fetched or decoded, is submitted `faulted` so that the horde hands it to another worker at
-once instead of waiting out the 3-minute TTL.
+to the presigned `r2_upload` and submit `{"<form>": "R2"}`). A form this worker cannot serve, one whose
+fields cannot be read, one beyond the amount asked for, or one whose source cannot be fetched or decoded, is
+submitted `faulted` at once, without a run slot, so that the horde hands it to another worker instead of
+waiting out the 3-minute TTL. The interrogation submit has no gen_metadata: the reason goes to the log. An
+image result whose R2 upload fails cannot reach the requester any other way: the form is faulted back too.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from PIL import Image
 
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
+from bridge.errors import HordeError
 from bridge.families import ALCHEMY
 from bridge.images import RESULT_QUALITY, encode_webp
-from bridge.jobs.base import ON_CPU, Job, JobSource, Placement, Submission, bytes_on_disk
+from bridge.jobs.base import ON_CPU, Job, JobSource, JobTimings, Placement, Submission, bytes_on_disk
+from bridge.safe_text import server_text
 from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
@@ -36,6 +40,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # source) keeps an x4 upscale within the form's TTL on a few cores.
 DEFAULT_MAX_TILES = 16
 INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw")
+UPLOAD_BUDGET_S = 30.0  # an R2 PUT that has not worked within this long will not
 
 
 class AlchemyJob(Job):
@@ -49,6 +54,9 @@ class AlchemyJob(Job):
         self.form = form
         self.image: Image.Image | None = None
         self.problem: str | None = None
+        if form.unreadable:
+            fields = "; ".join(f"{k} ({v})" for k, v in form.unreadable.items())
+            self.problem = f"the horde sent field(s) of the wrong type: {fields}"
 
     @property
     def ids(self) -> list[str]:
@@ -66,6 +74,13 @@ class AlchemyJob(Job):
     def payload(self) -> dict[str, Any]:
         return self.form.payload or {}
 
+    @property
+    def rejected(self) -> bool:
+        return self.problem is not None
+
+    def settled(self) -> list[Submission] | None:
+        return self.fault(self.problem) if self.problem is not None else None
+
     def prepare(self, runtime: Runtime) -> None:
         if self.image is not None or self.problem is not None:
             return
@@ -74,7 +89,7 @@ class AlchemyJob(Job):
             return
         started = time.monotonic()
         try:
-            self.image = runtime.fetcher.fetch(self.form.source_image)
+            self.image = runtime.fetcher.fetch(self.form.source_image, deadline=self.deadline)
         except SourceImageError as exc:
             self.problem = f"source image {exc.kind}: {exc}"
         except Exception as exc:  # prepare must never raise: the failure becomes this form's fault
@@ -110,20 +125,39 @@ class AlchemyJob(Job):
 
     def fault(self, reason: str) -> list[Submission]:
         # The interrogation submit has no gen_metadata: the reason can only go to our log.
-        logger.warning("alchemy form %s %s faulted: %s", self.form.form, self.form.id[:8], reason)
+        logger.warning("%s faulted: %s", self.describe(), server_text(reason, limit=500))
         return [Submission(job_id=self.form.id, state="faulted", result={})]
 
     def send(self, client: HordeClient, submission: Submission) -> float:
-        if submission.state != "faulted" and submission.image is not None:
+        return send_alchemy(client, submission, deadline=self.deadline, timings=self.timings)
+
+
+def send_alchemy(
+    client: HordeClient, submission: Submission, *, deadline: float | None, timings: JobTimings | None = None
+) -> float:
+    """PUT an image result to its r2_upload (if any), then submit; transient failures are retried until
+    `deadline`."""
+    timings = timings or JobTimings()
+    if submission.state != "faulted" and submission.image is not None:
+        started = time.monotonic()
+        try:
             if not submission.upload_url:
-                raise ValueError(f"{self.describe()}: an image result without an r2_upload URL")
-            started = time.monotonic()
-            client.upload(submission.upload_url, submission.image)
-            self.timings.upload += time.monotonic() - started
-        submit = InterrogationSubmit(
-            id=submission.job_id, result=submission.result or {}, state=submission.state
-        )
-        return client.submit_interrogation(submit)
+                raise ValueError("an image result without an r2_upload URL")
+            budget = started + UPLOAD_BUDGET_S
+            client.upload(submission.upload_url, submission.image,
+                          deadline=budget if deadline is None else min(budget, deadline))
+        except (HordeError, ValueError) as exc:
+            # No other way to hand an image to the requester: another worker gets the form.
+            logger.warning("alchemy %s: R2 upload failed (%s): submitting it faulted",
+                           server_text(submission.job_id[:8]), exc)
+            submission = Submission(job_id=submission.job_id, state="faulted", result={})
+        finally:
+            timings.upload += time.monotonic() - started
+    submit = InterrogationSubmit(id=submission.job_id, result=submission.result or {}, state=submission.state)
+    started = time.monotonic()
+    reward = client.submit_interrogation(submit, deadline=deadline)
+    timings.submit += time.monotonic() - started
+    return reward
 
 
 class _InterrogatorJob(AlchemyJob):
@@ -269,16 +303,28 @@ class AlchemySource(JobSource):
         # An empty `forms` means ["caption"] to the horde: never pop without a form we can serve.
         if not forms or capacity <= 0:
             return []
-        reply = client.pop_interrogation(self.request(runtime, forms, capacity))
+        request = self.request(runtime, forms, capacity)
+        reply = client.pop_interrogation(request)
         if reply.is_idle:
             if reply.skipped:
-                logger.debug("no alchemy form for us; skipped: %s", reply.skipped)
+                logger.debug("no alchemy form for us; skipped: %s", server_text(reply.skipped))
             return []
-        return [self.job_for(form, forms) for form in reply.forms]
+        jobs = [self.job_for(form, forms) for form in reply.forms[: request.amount]]
+        extra = reply.forms[request.amount:]
+        if extra:
+            reason = (f"over-delivered: this worker asked for {request.amount} form(s) and was handed "
+                      f"{len(reply.forms)}")
+            logger.warning("interrogate/pop %s: faulting the %d extra form(s) at once", reason, len(extra))
+            jobs += [UnservableJob(form, reason) for form in extra]
+        return jobs
 
     @staticmethod
     def job_for(form: AlchemyForm, ready: Sequence[str]) -> AlchemyJob:
+        if form.unreadable:
+            return UnservableJob(form, f"the horde sent field(s) of the wrong type: "
+                                       f"{'; '.join(f'{k} ({v})' for k, v in form.unreadable.items())}")
         if form.form not in ready:
-            return UnservableJob(form, f"form {form.form!r} is not served by this worker")
+            name = server_text(form.form, limit=60)
+            return UnservableJob(form, f"form {name!r} is not served by this worker")
         job_class = FORM_JOBS.get(form.form, PostProcessJob)
         return job_class(form)

@@ -10,11 +10,14 @@ between families by that key alone, and places each job on a device lane by its 
 from __future__ import annotations
 
 import abc
+import base64
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from bridge.safe_text import server_text
 
 if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
@@ -38,6 +41,26 @@ class Submission:
     def __post_init__(self) -> None:
         if self.state not in TERMINAL_STATES:
             raise ValueError(f"state {self.state!r} is not one of {TERMINAL_STATES}")
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-safe form, for the journal: a result not yet sent survives a restart."""
+        record: dict[str, Any] = {k: getattr(self, k) for k in ("job_id", "state", "gen_metadata", "seed",
+                                                                "upload_url", "result")}
+        record["image"] = base64.b64encode(self.image).decode("ascii") if self.image is not None else None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Submission:
+        image = record.get("image")
+        return cls(
+            job_id=str(record["job_id"]),
+            state=str(record.get("state", "ok")),
+            gen_metadata=list(record.get("gen_metadata") or []),
+            seed=record.get("seed"),
+            image=base64.b64decode(image) if isinstance(image, str) else None,
+            upload_url=record.get("upload_url"),
+            result=record.get("result"),
+        )
 
 
 @dataclass
@@ -116,6 +139,28 @@ class Job(abc.ABC):
         unknown."""
         return Placement()
 
+    @property
+    def deadline(self) -> float | None:
+        """When (time.monotonic) the horde aborts this job: past it, nothing we submit counts."""
+        ttl = self.ttl
+        return self.timings.popped_at + ttl if ttl else None
+
+    def expired(self) -> bool:
+        deadline = self.deadline
+        return deadline is not None and time.monotonic() >= deadline
+
+    @property
+    def rejected(self) -> bool:
+        """True when the job is handed back for what was sent (an unreadable payload, a form this worker
+        does not serve, more jobs than asked for, a source that cannot be fetched): not a failure of this
+        worker, so it must not count towards pausing it."""
+        return False
+
+    def settled(self) -> list[Submission] | None:
+        """Its submissions when they are known without running it (a rejected job), else None. The loop asks
+        after `prepare` and then needs no run slot for it."""
+        return None
+
     def prepare(self, runtime: Runtime) -> None:  # noqa: B027 - optional hook
         """Network stage (runs ahead of execution): fetch source images. Must not raise for bad input;
         record the problem so that `execute` returns faulted submissions with gen_metadata."""
@@ -134,7 +179,8 @@ class Job(abc.ABC):
         """Upload the result (if any) and submit it. Returns the reward. Raises bridge.errors types."""
 
     def describe(self) -> str:
-        return f"{self.kind} {self.model or ''} {','.join(i[:8] for i in self.ids)}".strip()
+        # Model names and ids come from the horde: one clean line (this reaches logs and the status panel).
+        return server_text(f"{self.kind} {self.model or ''} {','.join(i[:8] for i in self.ids)}", limit=160)
 
 
 class JobSource(abc.ABC):

@@ -4,12 +4,14 @@
 `GenerationJob.prepare` fetches the source image and mask (failures become gen_metadata, never
 exceptions), `execute` runs the numbered steps and returns one Submission per id, `send` uploads the
 webp to the id's presigned R2 URL and submits `generation: "R2"` (base64 when there is no URL or the
-upload was refused).
+upload failed in any way: the contract takes either, and a result is worth more than the upload path).
+Submits retry until the job's ttl. A pop whose payload cannot be read, and ids beyond what was asked
+for, are settled at once: faulted, with gen_metadata saying why.
 """
 
 from __future__ import annotations
 
-import io
+import base64
 import logging
 import time
 from dataclasses import dataclass
@@ -19,15 +21,16 @@ from PIL import Image
 
 from bridge.api_models import GenerationPopRequest, GenerationPopResponse, GenerationSubmit
 from bridge.config import dreamer_name, max_pixels
-from bridge.errors import HordeError, Policy
+from bridge.errors import HordeError
 from bridge.families import GENERATION
 from bridge.generation.censor import CensorUnavailable
 from bridge.generation.masks import prepare_sources
 from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, run_generation
 from bridge.generation.substitutions import Substitution, cap_metadata, information
-from bridge.images import encode_webp, encode_webp_base64
-from bridge.jobs.base import ON_CPU, Job, JobSource, Placement, Submission, bytes_on_disk
+from bridge.images import encode_webp
+from bridge.jobs.base import ON_CPU, Job, JobSource, JobTimings, Placement, Submission, bytes_on_disk
+from bridge.safe_text import server_text
 from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_QUALITY = 95  # the legacy worker's quality for R2 uploads
 FAULTED_GENERATION = "faulted"
+# An R2 PUT that has not worked within this long gives way to a base64 submit (the ttl keeps the rest).
+UPLOAD_BUDGET_S = 30.0
 
 
 @dataclass
@@ -51,14 +56,38 @@ class GenerationJob(Job):
     kind = "generation"
     family: ClassVar[str] = GENERATION
 
-    def __init__(self, pop: GenerationPopResponse) -> None:
+    def __init__(
+        self, pop: GenerationPopResponse, *, ids: list[str] | None = None, refusal: str | None = None
+    ) -> None:
+        """`ids`: the pop's ids this job serves (all by default); `refusal`: why it is faulted unrun."""
         super().__init__()
         self.pop = pop
+        self._ids = list(pop.job_ids if ids is None else ids)
+        self.refusal = refusal
         self.fetched = FetchedSources(metadata=[])
 
     @property
     def ids(self) -> list[str]:
-        return self.pop.job_ids
+        return list(self._ids)
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.refusal or self.pop.unreadable)
+
+    def settled(self) -> list[Submission] | None:
+        if self.pop.unreadable:
+            return self._unreadable_fault()
+        if self.refusal:
+            return self.fault(self.refusal)
+        return None
+
+    def _unreadable_fault(self) -> list[Submission]:
+        fields = self.pop.unreadable
+        logger.warning("faulting %s: the horde sent field(s) of the wrong type: %s", self.describe(),
+                       "; ".join(f"{k} ({v})" for k, v in fields.items()))
+        entries = [{"type": "information", "value": "parse_failed", "ref": f"{field}: {why}"}
+                   for field, why in fields.items()]
+        return self.fault(f"unreadable job: {', '.join(fields)} of the wrong type", entries)
 
     @property
     def model(self) -> str | None:
@@ -69,6 +98,8 @@ class GenerationJob(Job):
         return self.pop.ttl
 
     def prepare(self, runtime: Runtime) -> None:
+        if self.rejected:
+            return  # no download for a job that will not run
         started = time.monotonic()
         image = self._fetch(runtime, self.pop.source_image, "source_image")
         # A mask without its source means nothing: don't spend a download on it.
@@ -90,7 +121,7 @@ class GenerationJob(Job):
         if not source:
             return None
         try:
-            return runtime.fetcher.fetch(source)
+            return runtime.fetcher.fetch(source, deadline=self.deadline)
         except SourceImageError as exc:
             # The public workers go on without it (txt2img / unmasked) and say so in gen_metadata.
             logger.warning("%s of %s unusable (%s): %s", kind, self.describe(), exc.kind, exc)
@@ -98,7 +129,11 @@ class GenerationJob(Job):
             return None
 
     def execute(self, runtime: Runtime) -> list[Submission]:
-        """1. model record, 2. sources, 3. request, 4. generate, 5. one submission per id."""
+        """0. settled without running, 1. model record, 2. sources, 3. request, 4. generate, 5. one
+        submission per id."""
+        settled = self.settled()
+        if settled is not None:
+            return settled
         record = self._record(runtime)
         if record is None:
             return self.fault(f"model {self.pop.model!r} is not served by this worker")
@@ -159,44 +194,56 @@ class GenerationJob(Job):
             )
         return submissions
 
-    def fault(self, reason: str) -> list[Submission]:
+    def fault(self, reason: str, entries: list[dict[str, str]] | None = None) -> list[Submission]:
         seed = self.pop.payload.seed or 0
-        metadata = cap_metadata([*self.fetched.metadata, information(reason)])
+        metadata = cap_metadata([*self.fetched.metadata, *(entries or []), information(reason)])
         return [
             Submission(job_id=i, state="faulted", gen_metadata=list(metadata), seed=seed) for i in self.ids
         ]
 
     def send(self, client: HordeClient, submission: Submission) -> float:
-        generation = FAULTED_GENERATION
-        if submission.state != "faulted" and submission.image is not None:
-            generation = self._upload(client, submission)
-        body = GenerationSubmit(
-            id=submission.job_id,
-            generation=generation,
-            state=submission.state,
-            seed=submission.seed if submission.seed is not None else 0,
-            gen_metadata=submission.gen_metadata,
-        )
-        started = time.monotonic()
-        reward = client.submit_generation(body)
-        self.timings.submit += time.monotonic() - started
-        return reward
+        return send_generation(client, submission, deadline=self.deadline, timings=self.timings)
 
-    def _upload(self, client: HordeClient, submission: Submission) -> str:
-        """PUT to R2 and return "R2"; base64 of the image when there is no URL or R2 refused it."""
-        if submission.upload_url:
-            started = time.monotonic()
-            try:
-                client.upload(submission.upload_url, submission.image)
-                return "R2"
-            except HordeError as exc:
-                if exc.policy is not Policy.FAULT:
-                    raise
-                logger.warning("R2 upload for %s refused (%s): submitting base64", submission.job_id[:8], exc)
-            finally:
-                self.timings.upload += time.monotonic() - started
-        with Image.open(io.BytesIO(submission.image)) as image:
-            return encode_webp_base64(image, quality=UPLOAD_QUALITY)
+
+def send_generation(
+    client: HordeClient, submission: Submission, *, deadline: float | None, timings: JobTimings | None = None
+) -> float:
+    """Upload (if there is an image) and submit one id; transient failures are retried until `deadline`."""
+    timings = timings or JobTimings()
+    generation = FAULTED_GENERATION
+    if submission.state != "faulted" and submission.image is not None:
+        generation = _upload(client, submission, deadline, timings)
+    body = GenerationSubmit(
+        id=submission.job_id,
+        generation=generation,
+        state=submission.state,
+        seed=submission.seed if submission.seed is not None else 0,
+        gen_metadata=submission.gen_metadata,
+    )
+    started = time.monotonic()
+    reward = client.submit_generation(body, deadline=deadline)
+    timings.submit += time.monotonic() - started
+    return reward
+
+
+def _upload(client: HordeClient, submission: Submission, deadline: float | None, timings: JobTimings) -> str:
+    """PUT to R2 and return "R2"; the image as base64 when there is no URL or the PUT failed at all (refused,
+    5xx to the end of its budget, no answer, a redirect)."""
+    assert submission.image is not None
+    if submission.upload_url:
+        started = time.monotonic()
+        budget = started + UPLOAD_BUDGET_S
+        try:
+            client.upload(submission.upload_url, submission.image,
+                          deadline=budget if deadline is None else min(budget, deadline))
+            return "R2"
+        except HordeError as exc:
+            logger.warning("R2 upload for %s failed (%s): submitting the image base64 instead",
+                           server_text(submission.job_id[:8]), exc)
+        finally:
+            timings.upload += time.monotonic() - started
+    # The webp is already what R2 would have stored: send the same bytes, not a re-encode.
+    return base64.b64encode(submission.image).decode("ascii")
 
 
 class GenerationSource(JobSource):
@@ -213,12 +260,23 @@ class GenerationSource(JobSource):
         request = pop_request(runtime.config, models, allow_controlnet=_controlnet_ready(runtime, models))
         reply = client.pop_generation(request)
         for message in reply.messages:
-            logger.info("message from the horde (%s): %s", message.origin or "horde", message.message)
+            logger.info("message from the horde (%s): %s", server_text(message.origin or "horde", limit=40),
+                        server_text(message.message, limit=1000))
         if reply.is_idle:
             if reply.skipped:
-                logger.debug("no job; skipped: %s", reply.skipped)
+                logger.debug("no job; skipped: %s", server_text(reply.skipped))
             return []
+        return split_over_delivery(reply, request.amount)
+
+
+def split_over_delivery(reply: GenerationPopResponse, asked: int) -> list[Job]:
+    """The ids asked for run; any beyond are faulted at once (run, they would wait past their ttl)."""
+    ids = reply.job_ids
+    if len(ids) <= asked:
         return [GenerationJob(reply)]
+    reason = f"over-delivered: this worker asked for {asked} job(s) and was handed {len(ids)}"
+    logger.warning("generate/pop %s: faulting the %d extra id(s) at once", reason, len(ids) - asked)
+    return [GenerationJob(reply, ids=ids[:asked]), GenerationJob(reply, ids=ids[asked:], refusal=reason)]
 
 
 def _controlnet_ready(runtime: Runtime, models: list[str]) -> bool:

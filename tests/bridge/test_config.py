@@ -299,3 +299,30 @@ def test_family_shares_default_to_equal_and_name_only_known_families():
         with pytest.raises(ConfigError) as caught:
             build_config({"family_shares": bad}, environ={})
         assert caught.value.lines[0].startswith("family_shares") and says in caught.value.lines[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'api_key: "{key}\nworker_name: x\n',  # an unclosed quote
+        "api_key: [{key}\n",  # an unclosed flow sequence
+        "api_key: {key}: oops\n",  # a colon inside the value
+        "worker_name: ok\napi_key: '{key}\tx\n",
+        "  api_key: {key}\nworker_name: bad\n  - x\n",
+    ],
+)
+def test_a_yaml_error_never_prints_the_key(tmp_path, text):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(text.format(key=SECRET))
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    (line,) = err.value.lines
+    assert SECRET not in line and "not valid YAML at line" in line
+
+
+def test_the_cli_reports_a_broken_yaml_without_the_key(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(f'worker_name: x\napi_key: "{SECRET}\n')
+    result = _run_cli("--check-config", "--config", str(bad))
+    assert result.returncode != 0 and "not valid YAML" in result.stderr
+    assert SECRET not in result.stdout + result.stderr

@@ -28,7 +28,7 @@ from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from bridge.stats import Stats
-from local_horde import DEFAULT_API_KEY, LocalHorde
+from local_horde import DEFAULT_API_KEY, FaultKind, LocalHorde
 from models.device import DevicePolicy
 from tests.interrogators.helpers import cpu_cache, tiny_models_dir, tiny_set
 
@@ -65,7 +65,7 @@ def make_runtime(interrogators, **overrides) -> Runtime:
     return Runtime(
         config=config,
         device=DevicePolicy.cpu(),
-        fetcher=SourceFetcher(timeout=2.0),
+        fetcher=SourceFetcher(timeout=2.0, allow_private=True),  # the local horde is on loopback
         interrogators=interrogators,
     )
 
@@ -253,15 +253,26 @@ def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
     assert horde.interrogation_status(first)["forms"][0]["state"] in ("done", "processing", "waiting")
 
 
+class FailingSource(AlchemySource):
+    """The real alchemy source; every job then fails on this worker (a broken model, say)."""
+
+    def pop(self, client, runtime, capacity):
+        jobs = super().pop(client, runtime, capacity)
+        for job in jobs:
+            job.execute = lambda rt: (_ for _ in ()).throw(RuntimeError("the model broke"))
+        return jobs
+
+
 def test_fault_streak_pauses_popping(horde, interrogators, tmp_path, caplog):
-    broken = horde.host_image(b"garbage", "garbage.webp")
+    url = horde.host_image(webp(), "streak.webp")
     for _ in range(4):
-        horde.request_interrogation(broken, ["nsfw"])
+        horde.request_interrogation(url, ["nsfw"])
     timings = LoopTimings(idle_poll_s=0.02, error_poll_s=0.02, fault_streak=3, fault_pause_s=0.5)
     daemon, thread = start_daemon(
         horde,
         interrogators,
         tmp_path,
+        source=FailingSource(),
         timings=timings,
         runtime=make_runtime(interrogators, max_threads=1, queue_size=0),
     )
@@ -302,10 +313,13 @@ def test_maintenance_is_reported_once_and_polling_continues(horde, interrogators
 
 
 def test_journal_recovery_after_kill_9(horde, interrogators, tmp_path):
-    """A worker process is killed mid-job; the next start faults the journaled id back at once."""
+    """A worker process is killed mid-job; the next start faults the journaled id back at once, and sends the
+    result it had finished but not submitted (that job's ttl still runs)."""
     url = horde.host_image(webp(), "slow.webp")
     horde.faults.hang("/r2/hosted/slow.webp", 60, count=1)  # the source download never ends
     horde.request_interrogation(url, ["nsfw"])
+    finished = horde.request_interrogation(horde.host_image(webp(), "done.webp"), ["nsfw"])
+    horde.faults.hang("*/interrogate/submit", 120, count=1)  # its submit is never answered
     models_dir = tiny_models_dir_path(interrogators)
     script = f"""
 import sys, time
@@ -322,8 +336,8 @@ from models.device import DevicePolicy
 from tests.interrogators.helpers import cpu_cache, tiny_set
 interrogators = tiny_set(Path({str(models_dir)!r}), cpu_cache(), forms=("nsfw",))
 config = build_config({{"alchemist_name": "daemon-test-alchemist", "forms": ["nsfw"]}}, environ={{}}).config
-runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=120),
-                  interrogators=interrogators)
+runtime = Runtime(config=config, device=DevicePolicy.cpu(),
+                  fetcher=SourceFetcher(timeout=120, allow_private=True), interrogators=interrogators)
 client = HordeClient({horde.base_url!r}, {DEFAULT_API_KEY!r}, client_agent="t:1:n")
 Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
        journal=Journal(Path({str(tmp_path / "inflight.json")!r})),
@@ -334,15 +348,15 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
     )
     try:
         deadline = time.monotonic() + 90
-        while not horde.accounting().handed_out and time.monotonic() < deadline:
+        while len(horde.faults.fired(FaultKind.HANG)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert horde.accounting().handed_out, "the worker process never popped"
-        time.sleep(0.3)  # the id is journaled before prepare starts
+        assert len(horde.faults.fired(FaultKind.HANG)) == 2, "the worker process never got that far"
+        assert list(Journal(tmp_path / "inflight.json").results_dir.iterdir()), "the result was not kept"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    job_id = horde.accounting().handed_out[0]
-    assert horde.submits(job_id) == []
+    job_id, done_id = horde.accounting().handed_out
+    assert horde.submits(job_id) == horde.submits(done_id) == []
     daemon = Daemon(
         client=make_client(horde),
         runtime=make_runtime(interrogators, forms=["nsfw"]),
@@ -352,10 +366,13 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
     )
     thread = run_in_thread(daemon)
     deadline = time.monotonic() + 10
-    while not horde.submits(job_id) and time.monotonic() < deadline:
+    while not (horde.submits(job_id) and horde.submits(done_id)) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop(daemon, thread)
     assert [s["state"] for s in horde.submits(job_id)] == ["faulted"]
+    (resent,) = horde.submits(done_id)
+    assert resent["state"] == "ok" and isinstance(resent["result"]["nsfw"], bool)
+    assert horde.interrogation_status(finished)["forms"][0]["state"] == "done"
     assert Journal(tmp_path / "inflight.json").leftovers == {}
 
 

@@ -82,7 +82,16 @@ def rc(code: str, message: str = "x") -> dict:
         (400, rc("BadRequest", "too many gen_metadata"), "generate/submit", Policy.FAULT),
         (404, rc("InvalidJobID"), "generate/submit", Policy.DROP),
         (404, rc("InvalidJobID"), "interrogate/submit", Policy.DROP),
-        (404, "<html>not found</html>", "generate/submit", Policy.DROP),
+        # Not the horde's word (no rc): a CDN's page or a proxy's answer is transient, until the ttl.
+        (404, "<html>not found</html>", "generate/submit", Policy.RETRY),
+        (403, "<html><body>Access denied by the CDN</body></html>", "generate/pop", Policy.RETRY),
+        (403, "<html>blocked</html>", "interrogate/submit", Policy.RETRY),
+        (408, {"message": "Request Timeout"}, "generate/pop", Policy.RETRY),
+        (408, "Request Timeout", "generate/submit", Policy.RETRY),
+        (404, {"message": "The requested URL was not found on the server."}, "generate/pop", Policy.RETRY),
+        (302, None, "generate/pop", Policy.RETRY),
+        (307, None, "interrogate/submit", Policy.RETRY),
+        (307, None, "upload", Policy.FAULT),
         (404, rc("UserNotFound"), "find_user", Policy.STOP),
         (404, rc("WorkerNotFound"), "workers", Policy.DROP),
         (403, rc("NotOwner"), "workers", Policy.DROP),
@@ -118,6 +127,17 @@ def test_stop_errors_tell_the_operator_what_to_change() -> None:
         "priority_usernames" in classify(400, rc("InvalidPriorityUsername"), endpoint="generate/pop").message
     )
     assert "horde_url" in classify(404, "<html/>", endpoint="generate/pop").message
+
+
+def test_server_text_is_one_line_and_never_carries_secrets() -> None:
+    key = "LocalHordeTestKey01_ab"
+    forged = f"bad key {key}\n2026-01-01 INFO forged line \x1b[31mred\x1b[0m"
+    body = {"message": forged, "rc": "InvalidAPIKey"}
+    error = classify(401, body, endpoint="find_user", secrets=[key])
+    assert key not in str(error) and "***" in error.message
+    assert "\n" not in error.message and "\x1b" not in error.message and "forged line red" in error.message
+    r2 = "<Error><Code>SignatureDoesNotMatch</Code><SignatureProvided>abc123def456</SignatureProvided>"
+    assert "abc123def456" not in classify(403, r2, endpoint="upload").message
 
 
 def test_validation_errors_are_kept_and_logged(caplog: pytest.LogCaptureFixture) -> None:

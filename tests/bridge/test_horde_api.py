@@ -37,7 +37,7 @@ from bridge.errors import (
 )
 from bridge.horde_api import HordeClient, parse_retry_after
 from bridge.retry import RetryPolicy
-from local_horde import ANON_API_KEY, DEFAULT_API_KEY, FaultKind, LocalHorde
+from local_horde import ANON_API_KEY, DEFAULT_API_KEY, FaultKind, LocalHorde, RecordingHost
 
 REGEN = "AI Horde Worker reGen:10.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
 MODELS = ("stable_diffusion", "tiny-sd1")
@@ -471,3 +471,100 @@ def test_retry_policy_budget_and_pass_through() -> None:
         policy.call(stop)
     assert sleeps == []
     assert issubclass(WorkerStopError, HordeError)
+
+
+# ---- a hostile network (issue 17) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[RecordingHost]:
+    with RecordingHost() as host:  # 127.0.0.2: another origin
+        yield host
+
+
+@pytest.mark.parametrize(("route", "status"), [(POP, 302), (POP, 307), (SUBMIT, 307), (SUBMIT, 308)])
+def test_redirects_are_never_followed_and_the_key_never_leaves(
+    horde: LocalHorde, client: HordeClient, elsewhere: RecordingHost, caplog: pytest.LogCaptureFixture,
+    route: str, status: int,
+) -> None:
+    job_id = pop_one(horde, client) if route == SUBMIT else None
+    horde.faults.redirect(route, elsewhere.url(route), status=status, count=None)
+    with pytest.raises(RetryableError) as err, caplog.at_level(logging.WARNING):
+        if job_id:
+            client.submit_generation(ok_submit(job_id))
+        else:
+            client.pop_generation(pop_request())
+    assert err.value.status == status and "not followed" in err.value.message
+    assert elsewhere.seen == []  # nothing reached the other origin: no key, no job
+    assert f"redirecting to {elsewhere.origin}" in caplog.text
+    if job_id:
+        assert horde.submits(job_id) == []
+
+
+def test_upload_redirect_is_not_followed(
+    horde: LocalHorde, client: HordeClient, elsewhere: RecordingHost, sleeps: Sleeps
+) -> None:
+    horde.request_generation(SMALL, models=["tiny-sd1"])
+    popped = client.pop_generation(pop_request())
+    horde.faults.redirect("/r2/*", elsewhere.url("/bucket/x.webp"), method="PUT")
+    with pytest.raises(JobFaultError):  # the job then submits base64 (tests/bridge/jobs)
+        client.upload(popped.upload_url_for(popped.job_ids[0]), webp())
+    assert elsewhere.seen == [] and sleeps == []
+
+
+@pytest.mark.parametrize(
+    "inject",
+    [
+        lambda f: f.http_error(POP, 408, message="Request Timeout"),
+        lambda f: f.http_error(POP, 403, html=True),  # a CDN's page: no JSON, no rc
+        lambda f: f.http_error(POP, 404, html=True),
+        lambda f: f.http_error(POP, 502, html=True),
+    ],
+)
+def test_answers_that_are_not_the_hordes_are_transient(
+    horde: LocalHorde, client: HordeClient, sleeps: Sleeps, inject: Any
+) -> None:
+    inject(horde.faults)
+    assert client.pop_generation(pop_request()).is_idle  # retried, then served
+    assert len(sleeps) == 1
+
+
+def test_submit_retries_until_the_deadline_not_a_count(horde: LocalHorde, sleeps: Sleeps) -> None:
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    retry = RetryPolicy(max_attempts=3, max_elapsed=5, sleep=sleep, clock=lambda: clock[0],
+                        rng=random.Random(1))
+    with HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent=AGENT, retry=retry) as c:
+        job_id = pop_one(horde, c)
+        horde.faults.http_error(SUBMIT, 503, count=12)  # far past the count budget of 3
+        assert c.submit_generation(ok_submit(job_id), deadline=10_000.0) > 0
+        assert len(sleeps) == 12 and len(horde.faults.fired(FaultKind.STATUS)) == 12
+        other = pop_one(horde, c)
+        horde.faults.http_error(SUBMIT, 503, count=None)
+        deadline = clock[0] + 60.0
+        with pytest.raises(RetryableError):
+            c.submit_generation(ok_submit(other), deadline=deadline)
+        assert clock[0] <= deadline  # no attempt starts after the job's ttl
+
+
+def test_error_text_echoing_the_key_is_masked(
+    horde: LocalHorde, client: HordeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = pop_one(horde, client)
+    horde.faults.http_error(SUBMIT, 400, rc="BadRequest", message="refused for key {apikey}\nFORGED")
+    with pytest.raises(JobFaultError) as err, caplog.at_level(logging.DEBUG):
+        client.submit_generation(ok_submit(job_id))
+    assert DEFAULT_API_KEY not in str(err.value) and "***" in err.value.message
+    assert "\n" not in err.value.message and DEFAULT_API_KEY not in caplog.text
+
+
+def test_a_pop_with_unreadable_fields_keeps_its_ids(horde: LocalHorde, client: HordeClient) -> None:
+    horde.request_generation(SMALL, models=["tiny-sd1"])
+    horde.faults.wrong_type("payload.post_processing", "GFPGAN")
+    popped = client.pop_generation(pop_request())
+    assert popped.job_ids == horde.accounting().handed_out
+    assert list(popped.unreadable) == ["payload.post_processing"]

@@ -80,3 +80,24 @@ def test_a_finished_id_cannot_be_claimed_again_and_is_forgotten(tmp_path):
     journal.finish("done")
     assert journal.claim("done") is False
     assert journal._claimed == set()
+
+
+def test_unsent_results_are_kept_until_finished_under_hashed_names(tmp_path):
+    from bridge.jobs.base import Submission
+
+    journal = Journal(tmp_path / "inflight.json")
+    hostile = "../../etc/passwd\n\x1b[2J"  # ids come from the server: never a file name
+    journal.add([hostile, "b"], GENERATION)
+    result = Submission(job_id=hostile, seed=7, image=b"\x00webp", upload_url="https://r2/x?sig=1")
+    journal.keep_result(hostile, GENERATION, 1234.5, result.to_record())
+    journal.keep_result("b", GENERATION, 99.0, Submission(job_id="b", result={"caption": "x"}).to_record())
+    files = sorted(p.name for p in journal.results_dir.iterdir())
+    assert len(files) == 2 and all(len(name) == 37 and name.endswith(".json") for name in files)
+    assert not (tmp_path.parent / "etc").exists()
+    saved = Journal(tmp_path / "inflight.json").saved_results()
+    assert saved[hostile]["expires_at"] == 1234.5
+    assert Submission.from_record(saved[hostile]["submission"]) == result
+    journal.finish(hostile)
+    assert list(Journal(tmp_path / "inflight.json").saved_results()) == ["b"]
+    (journal.results_dir / "junk.json").write_text("{not json")
+    assert list(journal.saved_results()) == ["b"] and not (journal.results_dir / "junk.json").exists()

@@ -156,3 +156,63 @@ def test_chunked_upload_is_stored_whole(horde: LocalHorde, worker: WorkerClient)
     worker.submit(job["id"])
     (gen,) = horde.wait_done([rid], timeout=5)[rid]["generations"]
     assert horde.download(gen["img"]) == image
+
+
+# ---- hostile kinds -----------------------------------------------------------------------------------------
+
+
+def test_redirect_answers_3xx_with_location_and_handles_nothing(
+    horde: LocalHorde, worker: WorkerClient
+) -> None:
+    horde.request_generation(small_params())
+    horde.faults.redirect("*/generate/pop", "http://127.0.0.2:9/api/v2/generate/pop", status=302)
+    resp = worker.session.post(worker.url + "/generate/pop", json={"name": "w"}, allow_redirects=False)
+    assert resp.status_code == 302 and resp.headers["Location"] == "http://127.0.0.2:9/api/v2/generate/pop"
+    assert horde.accounting().handed_out == []
+
+
+def test_trickle_sends_header_bytes_slowly_and_never_ends_them(horde: LocalHorde) -> None:
+    import socket
+
+    url = horde.host_image(webp(), "slow.webp")
+    horde.faults.trickle("/r2/hosted/slow.webp", seconds=1.0, interval_s=0.1)
+    path = url.split(horde.base_url, 1)[1]
+    with socket.create_connection(("127.0.0.1", int(horde.base_url.rsplit(":", 1)[1])), timeout=2) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received, reads = b"", 0
+        while chunk := sock.recv(1024):
+            received += chunk
+            reads += 1
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\n" not in received  # headers never end
+    assert reads >= 5  # every read got a little: a per-read timeout never fires
+
+
+def test_html_error_page_and_an_error_echoing_the_key(horde: LocalHorde, worker: WorkerClient) -> None:
+    horde.faults.http_error("*/generate/pop", 403, html=True)
+    page = worker.pop_raw()
+    assert page.status_code == 403 and page.headers["Content-Type"].startswith("text/html")
+    assert "<html>" in page.text
+    horde.faults.http_error("*/generate/submit", 400, rc="BadRequest", message="bad key {apikey}")
+    assert horde.api_key in worker.submit("some-id").json()["message"]
+
+
+def test_wrong_type_rewrites_only_replies_with_a_job(horde: LocalHorde, worker: WorkerClient) -> None:
+    horde.faults.wrong_type("payload.ddim_steps", "many")
+    horde.faults.messages("line one\nline two \x1b[2J")
+    idle = worker.pop()
+    assert idle["ids"] == [] and idle["payload"]["ddim_steps"] == 30  # the idle pop is not edited
+    assert idle["messages"][0]["message"] == "line one\nline two \x1b[2J"
+    horde.request_generation(small_params())
+    job = worker.pop()
+    assert job["payload"]["ddim_steps"] == "many" and job["ids"]
+    assert [f.kind for f in horde.faults.fired()] == [FaultKind.REWRITE, FaultKind.REWRITE]
+
+
+def test_over_delivery_hands_out_more_than_asked(horde: LocalHorde, worker: WorkerClient) -> None:
+    horde.request_generation(small_params(n=4))
+    horde.faults.over_deliver("*/generate/pop", extra=2)
+    assert len(worker.pop(amount=1)["ids"]) == 3
+    url = horde.host_image(webp())
+    horde.request_interrogation(url, ["caption", "nsfw", "caption"])
+    horde.faults.over_deliver("*/interrogate/pop", extra=1)
+    assert len(worker.ipop(["caption", "nsfw"], amount=1)["forms"]) == 2

@@ -37,6 +37,12 @@ def model_tree(tiny_models, tmp_path_factory):
         "files": [{"path": "junk.safetensors", "sha256sum": hash_file(root / "junk.safetensors")}]
     }
     records["junk"] = junk
+    # A .safetensors whose header is garbage (its hash verifies: it was published that way).
+    (root / "corrupt.safetensors").write_bytes(b"\xff" * 8 + b"not a safetensors header" * 40)
+    records["corrupt"] = {**junk, "name": "corrupt", "config": {
+        "files": [{"path": "corrupt.safetensors", "sha256sum": hash_file(root / "corrupt.safetensors")}]}}
+    # A reference whose component configs point outside the model folder.
+    records["escapes"] = {**junk, "name": "escapes", "diffusers_config": "../../outside"}
     records["tiny-flux"] = {**records["tiny-sd1"], "name": "tiny-flux", "baseline": "flux_1"}
     (root / "reference.json").write_text(json.dumps(records))
     return root
@@ -157,6 +163,18 @@ def test_unloadable_model_stops_being_advertised(model_tree):
     assert manager.ready_models() == ["tiny-sd1"]
     assert "junk" in manager.broken_models()
     assert manager._cache.resident() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "why"), [("corrupt", "cannot be read"), ("escapes", "outside the model folder")]
+)
+def test_models_whose_files_cannot_be_used_are_marked_broken(model_tree, name, why):
+    manager = make_manager(model_tree, models=["tiny-sd1", name])
+    assert manager.ready_models() == ["tiny-sd1", name]  # present and verified: advertised until tried
+    with pytest.raises(ModelLoadError, match=why), manager.pipeline(name):
+        pass
+    assert manager.ready_models() == ["tiny-sd1"]
+    assert why in manager.broken_models()[name]
 
 
 def test_missing_models_are_downloaded_verified_then_served(tiny_models, tmp_path):

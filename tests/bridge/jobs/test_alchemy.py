@@ -110,7 +110,8 @@ def make_runtime(horde: LocalHorde, forms: list[str], **parts: Any) -> Runtime:
         bridge_agent=REGEN_AGENT,
         max_threads=2,
     )
-    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=5.0), **parts)
+    fetcher = SourceFetcher(timeout=5.0, allow_private=True)  # the local horde is on loopback
+    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher, **parts)
 
 
 @pytest.fixture()
