@@ -414,7 +414,8 @@ def start(horde: LocalHorde, served, tmp_path: Path, ledger: Ledger, *, devices=
     config = build_config({"dreamer_name": "fair-dreamer", "alchemist_name": "fair-alchemist",
                            "forms": ["nsfw"], "bridge_agent": REGEN, "max_threads": 1, "queue_size": 1,
                            **settings}, environ={}).config
-    runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=2.0),
+    fetcher = SourceFetcher(timeout=2.0, allow_private=True)  # the local horde is on loopback
+    runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher,
                       models=served.manager, interrogators=served.interrogators, cache=served.cache)
     client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="test:1:none", timeout=5.0,
                          retry=RetryPolicy(base_delay=0.01, max_delay=0.05))

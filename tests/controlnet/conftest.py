@@ -36,7 +36,8 @@ class ControlStack:
 
     def runtime(self, **config: object) -> Runtime:
         settings = {"max_power": 8, "allow_controlnet": True, **config}
-        return Runtime(config=BridgeConfig(**settings), device=DevicePolicy.cpu(), fetcher=SourceFetcher(),
+        fetcher = SourceFetcher(allow_private=True)  # the local horde is on loopback
+        return Runtime(config=BridgeConfig(**settings), device=DevicePolicy.cpu(), fetcher=fetcher,
                        models=self.models, controlnets=self.controlnets)
 
 
