@@ -134,8 +134,8 @@ class BridgeConfig(BaseModel):
     cache_home: str = "./model-cache"
     temp_dir: str = "./tmp"
     state_dir: str = "./worker-state"
-    ram_to_leave_free: str = "80%"
-    vram_to_leave_free: str = "80%"
+    ram_to_leave_free: str = "30%"
+    vram_to_leave_free: str = "30%"
     # Output
     disable_terminal_ui: bool = False
     stats_output_frequency: int = Field(30, ge=0)
