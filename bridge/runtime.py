@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bridge.admission import Admission
     from bridge.config import BridgeConfig
     from bridge.sources import SourceFetcher
     from models.device import DevicePolicy
@@ -21,3 +22,5 @@ class Runtime:
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    # What this machine can hold (models, max_pixels, forms); None: no admission control (tests, tools).
+    admission: Admission | None = None

@@ -219,6 +219,7 @@ class ModelCache:
         self._cond = threading.Condition()
         self.evictions: deque[tuple[str, Tier]] = deque(maxlen=1000)
         self.loads = 0  # models loaded from disk so far (a job that loaded one measures no working memory)
+        self.holds = 0  # working-memory holds so far (a job that overlapped another measures nothing either)
 
     # --- public API ----------------------------------------------------------------------------------
 
@@ -251,6 +252,7 @@ class ModelCache:
             evicted = self._make_room(nbytes, chosen, keep=frozenset(keep))
             self.device.machine.account(chosen, nbytes)
             self._working[token] = _Working(chosen, nbytes, threading.get_ident())
+            self.holds += 1
         if evicted:
             _release_freed_memory()
         try:
