@@ -147,13 +147,18 @@ class Admission:
         ram = self.cache.capacity(Tier.RAM)
         return (self.cache.capacity(Tier.VRAM) if self.device.has_vram else ram), ram
 
-    def holdable_pixels(self, name: str, capacities: tuple[int, int] | None = None) -> int:
-        """The most pixels a one-image job on `name` can have here now (0: the model does not fit at all)."""
+    def memory_pixels(self, name: str, capacities: tuple[int, int] | None = None) -> int:
+        """The most pixels a one-image job on `name` can have in this machine's memory now (0: the model
+        does not fit at all)."""
         device_room, ram_room = capacities or self._capacities()
         weights = self.model_bytes(name)
         if self.device.has_vram and weights > ram_room:
             return 0  # its RAM copy (which the device copy is made from) does not fit
-        pixels = self.table.largest_pixels(self.family(name), device_room - weights)
+        return self.table.largest_pixels(self.family(name), device_room - weights)
+
+    def holdable_pixels(self, name: str, capacities: tuple[int, int] | None = None) -> int:
+        """`memory_pixels`, never above the ceiling an out-of-memory error left."""
+        pixels = self.memory_pixels(name, capacities)
         ceiling = self.ceiling(name)
         return pixels if ceiling is None else min(pixels, ceiling)
 
@@ -166,10 +171,13 @@ class Admission:
         """The models to pop for and the max_pixels to advertise, from the machine as it is now."""
         self.trim()
         capacities = self._capacities()
-        fits = {name: self.holdable_pixels(name, capacities) for name in models}
+        fits = {name: self.memory_pixels(name, capacities) for name in models}
         floor = min(max_pixels, FLOOR_PIXELS)
+        # A model below the floor is left out; one whose ceiling an out-of-memory error lowered stays, and
+        # the pop asks for sizes under its ceiling.
         served = [name for name in models if fits[name] >= floor]
-        pixels = min([max_pixels, *(fits[name] for name in served)])
+        held = [min(fits[name], self.ceiling(name) or fits[name]) for name in served]
+        pixels = max(PIXEL_STEP, min([max_pixels, *held]))
         offer = Offer(served, (pixels // PIXEL_STEP) * PIXEL_STEP)
         if offer != self._last_offer:
             self._log_offer(offer, fits, models, capacities[0], max_pixels)

@@ -34,6 +34,9 @@ GIB = 1024 * MIB
 TABLE_FILE = "working-memory.json"
 # Measured peaks are kept with this much headroom: the next job's prompt or sampler may need a little more.
 MEASURED_MARGIN = 1.2
+# Only a job at least this large replaces the default scale: below it the fixed part dominates and says
+# little about the per-pixel part that sets max_pixels. Smaller jobs can still raise the estimate.
+REPRESENTATIVE_PIXELS = 384 * 384
 # The runner's CUDA VAE tiling threshold (bridge/generation/runner.py VAE_TILING_PIXELS): above it the decode
 # works tile by tile and stops growing with the image.
 CUDA_DECODE_CAP_PIXELS = 768 * 768
@@ -143,12 +146,13 @@ class WorkingMemoryTable:
             c = self._families.setdefault(family, default_coefficients()["sd"])
             unscaled = self.diffusion_bytes(family, pixels) / c.scale
             wanted = peak_bytes * MEASURED_MARGIN / unscaled
-            if c.measured and wanted <= c.scale:
+            # The first representative measurement on this device replaces the default; others only raise.
+            replace = not c.measured and pixels >= REPRESENTATIVE_PIXELS
+            if not replace and wanted <= c.scale:
                 return
-            # The first measurement on this device replaces the default; later ones only raise it.
-            before, first = c.scale, not c.measured
-            c.scale = wanted if first else max(c.scale, wanted)
-            c.measured = True
+            before = c.scale
+            c.scale = wanted if replace else max(c.scale, wanted)
+            c.measured = c.measured or replace
             logger.info(
                 "working memory of %s jobs on %s: %.2f GiB measured at %d px; estimates x%.2f (was x%.2f)",
                 family, self.key, peak_bytes / GIB, pixels, c.scale, before,
