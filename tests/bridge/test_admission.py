@@ -176,3 +176,24 @@ def test_ram_is_the_device_on_a_cpu_machine(tiny_reference):
     assert runtime.admission.offer([MODEL], 512 * 512).max_pixels == 512 * 512
     machine.set_others(ram=int(15.5 * GIB))  # the volunteer's programs take almost everything
     assert runtime.admission.offer([MODEL], 512 * 512).models == []
+
+
+def test_a_job_the_machine_can_no_longer_hold_faults_saying_so_and_the_worker_goes_on(tiny_reference, horde):
+    machine = InjectedMachine.gib(16, 8)
+    runtime = card_runtime(tiny_reference, machine)
+    request = horde.request_generation(params(256), models=[MODEL])
+    with client_for(horde) as client:
+        [job] = GenerationSource().pop(client, runtime, capacity=1)
+        machine.set_others(vram=int(7.8 * GIB))  # a game started on the card after the pop
+        [submission] = job.execute(runtime)
+        job.send(client, submission)
+        assert submission.state == "faulted"
+        [reason] = [m["ref"] for m in submission.gen_metadata if m["type"] == "information"]
+        assert "cannot hold tiny-sd1-diffusers at 256x256" in reason and "GPU memory" in reason
+        assert runtime.admission.ceiling(MODEL) is None  # nothing ran out: no reason to serve it smaller
+        machine.set_others(vram=0)  # the game ended: the requeued job is served
+        [again] = GenerationSource().pop(client, runtime, capacity=1)
+        [ok] = again.execute(runtime)
+        again.send(client, ok)
+    assert ok.state == "ok"
+    assert horde.wait_done([request])[request]["done"]
