@@ -184,26 +184,31 @@ def build_worker(
                                                     forms=config.forms, **names)
         # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
         # first pop, not inside a form's 3-minute ttl.
-        warm_interrogators(runtime.interrogators, device)
+        warm_interrogators(runtime.interrogators, runtime.admission)
         tiles = TileBudget(ttl=FORM_TTL, queue_size=config.queue_size, max_threads=config.max_threads)
         calibrate(tiles, runtime.postprocessors, config.forms)
         sources.append(AlchemySource(tiles=tiles))
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
 
 
-def warm_interrogators(interrogators, device) -> None:
-    """Load each interrogator once (and embed the term lists). One whose model this machine cannot hold is
-    dropped from the set, so its form is never offered; the others are served."""
-    from bridge.admission import MEMORY_ERRORS, free_device_memory
+def warm_interrogators(interrogators, admission) -> None:
+    """Load each interrogator once (and embed the term lists). One whose model this machine cannot hold
+    (by its files' size, or failing to load) is dropped from the set, so its form is never offered; the
+    others are served."""
+    from bridge.admission import MEMORY_ERRORS, free_device_memory, interrogator_sizes
 
+    sizes = interrogator_sizes(interrogators, admission.table, admission.device.dtype)
     for form in interrogators.ready_forms():
         failed = None
-        try:
-            getattr(interrogators, form).warm()
-        except MEMORY_ERRORS as exc:
-            failed = f"{type(exc).__name__}: {exc}"
+        if form in sizes and not admission.form_fits(form, *sizes[form]):
+            failed = f"{sizes[form][0] / 1024**3:.1f} GiB of weights, {admission.where} too small"
+        else:
+            try:
+                getattr(interrogators, form).warm()
+            except MEMORY_ERRORS as exc:
+                failed = f"{type(exc).__name__}: {exc}"
         if failed:
-            free_device_memory(device)
+            free_device_memory(admission.device)
             log.error("the %s form's model does not fit this machine (%s): not serving it", form, failed)
             setattr(interrogators, form, None)
 

@@ -152,7 +152,9 @@ def test_alchemist_on_a_machine_too_small_for_its_models_offers_nothing_and_keep
     machine = InjectedMachine(ram_total=4 << 30, ram_others=(4 << 30) - (300 << 20))
     with LocalHorde() as horde:
         config = committed_config(horde, tmp_path, forms=["caption", "nsfw"])
-        worker = tiny_alchemist(config, machine, models_dir)
+        worker = tiny_alchemist(config, machine, models_dir)  # starts: nothing loaded, nothing raised
+        assert worker.runtime.interrogators.ready_forms() == []
+        assert worker.runtime.admission.cache.resident() == [] and machine.held("ram") == 0
         [source] = worker.sources
         assert source.ready_forms(worker.runtime) == []
         with HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="t:1:n") as client:
