@@ -90,6 +90,15 @@ def ok_submits(horde) -> tuple[int, list[str]]:
     return states.count("ok"), states
 
 
+def legacy_budget_line(label: str, reading) -> str:
+    """What the same machine got before soft budgets: the key's legacy value "80%" read once as a hard
+    ceiling, min(available, total) - 80% of the total; every model larger than it was refused."""
+    from models.cache import memory_budget
+
+    budget = memory_budget("80%", total_bytes=reading.total, available_bytes=reading.available)
+    return f"  side figure: the old hard {label} budget from \"80%\" on this machine: {budget / GIB:.2f} GiB"
+
+
 def rss() -> int:
     from models.machine import process_rss
 
@@ -110,6 +119,8 @@ def scenario_generation(root: Path, size: int, steps: int) -> dict:
         config = committed_config(horde, run_dir, models_to_load=list(SD_MODELS))
         reference = load_reference(config, [sd_reference(root)], upstream=False)
         plan = plan_worker(config, has_gpu=device.has_vram, reference=reference)
+        out(legacy_budget_line("RAM", machine.ram()))
+        out(legacy_budget_line("card", machine.vram()))
         worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root))
         admission = worker.runtime.admission
         offer = admission.offer(worker.runtime.models.ready_models(), 64 * 64 * 8 * config.max_power)
@@ -142,6 +153,7 @@ def scenario_alchemy(root: Path) -> dict:
     with LocalHorde() as horde, PeakRss() as peak:
         config = committed_config(horde, run_dir, forms=FORMS)
         plan = plan_worker(config, has_gpu=device.has_vram, reference=load_reference(config, upstream=False))
+        out(legacy_budget_line("RAM", machine.ram()))
         started = time.perf_counter()
         worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root))
         cache = worker.runtime.admission.cache
