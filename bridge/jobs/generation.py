@@ -19,8 +19,7 @@ from PIL import Image
 
 from bridge.admission import MemoryFault, memory_guard
 from bridge.api_models import GenerationPopRequest, GenerationPopResponse, GenerationSubmit
-from bridge.config import dreamer_name
-from bridge.config import max_pixels as config_max_pixels
+from bridge.config import dreamer_name, max_pixels
 from bridge.errors import HordeError, Policy
 from bridge.generation.censor import CensorUnavailable
 from bridge.generation.masks import prepare_sources
@@ -196,13 +195,13 @@ class GenerationSource(JobSource):
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
         if capacity < 1 or not self.ready(runtime):
             return []
-        models, pixels = runtime.models.ready_models(), config_max_pixels(runtime.config)
+        models, pixels = runtime.models.ready_models(), max_pixels(runtime.config)
         if runtime.admission is not None:  # only what this machine can hold now
             offer = runtime.admission.offer(models, pixels)
             models, pixels = offer.models, offer.max_pixels
             if not models:
                 return []
-        reply = client.pop_generation(pop_request(runtime.config, models, max_pixels=pixels))
+        reply = client.pop_generation(pop_request(runtime.config, models, pixels=pixels))
         for message in reply.messages:
             logger.info("message from the horde (%s): %s", message.origin or "horde", message.message)
         if reply.is_idle:
@@ -212,9 +211,9 @@ class GenerationSource(JobSource):
         return [GenerationJob(reply)]
 
 
-def pop_request(config: Any, models: list[str], *, max_pixels: int | None = None) -> GenerationPopRequest:
-    """The generate/pop body from the worker's config (legacy key names) and its ready models; `max_pixels`
-    (what admission control found this machine holds) defaults to max_power's."""
+def pop_request(config: Any, models: list[str], *, pixels: int | None = None) -> GenerationPopRequest:
+    """The generate/pop body from the worker's config (legacy key names) and its ready models; `pixels`, the
+    max_pixels admission control found this machine holds, defaults to max_power's."""
     return GenerationPopRequest(
         name=dreamer_name(config),
         models=models,
@@ -226,7 +225,7 @@ def pop_request(config: Any, models: list[str], *, max_pixels: int | None = None
         require_upfront_kudos=config.require_upfront_kudos,
         amount=config.max_batch,
         extra_slow_worker=config.extra_slow_worker,
-        max_pixels=max_pixels if max_pixels is not None else config_max_pixels(config),
+        max_pixels=pixels if pixels is not None else max_pixels(config),
         allow_img2img=config.allow_img2img,
         allow_painting=config.allow_painting,
         allow_unsafe_ipaddr=config.allow_unsafe_ip,
