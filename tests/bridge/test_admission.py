@@ -197,3 +197,35 @@ def test_a_job_the_machine_can_no_longer_hold_faults_saying_so_and_the_worker_go
         again.send(client, ok)
     assert ok.state == "ok"
     assert horde.wait_done([request])[request]["done"]
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_in_diffusion_is_a_fault_and_frees_the_card(tiny_reference):
+    device = DevicePolicy.detect()
+    assert device.is_cuda
+    cache = ModelCache(device, ram_to_leave_free="30%", vram_to_leave_free="30%")
+    root = tiny_reference.parent
+    reference = ModelReference.load(cache_dir=root / "ref-cache", upstream=None, extra_files=[tiny_reference])
+    manager = ModelManager(reference=reference, cache=cache, device=device, cache_home=root / "home",
+                           models=[MODEL])  # fmt: skip
+    admission = Admission(cache=cache, device=device, table=WorkingMemoryTable(device), models=manager)
+    with manager.pipeline(MODEL):
+        pass
+    before = torch.cuda.memory_allocated(device.device)
+    total = torch.cuda.mem_get_info(device.device)[1]
+    torch.cuda.set_per_process_memory_fraction((before + (256 << 20)) / total, device.device)
+    try:
+        shape = JobShape("sd", 2048, 2048)  # fits the card by the table; not the 256 MiB this test allows
+        with (
+            pytest.raises(MemoryFault, match="out of memory"),
+            admission.running(MODEL, shape),
+            manager.pipeline(MODEL) as pipe,
+        ):
+            pipe(prompt="a cat", width=2048, height=2048, num_inference_steps=1, output_type="pil")
+        assert admission.ceiling(MODEL) == 2048 * 2048 * 3 // 4
+        assert torch.cuda.memory_allocated(device.device) <= before + (16 << 20)  # the job's tensors are gone
+        with manager.pipeline(MODEL) as pipe:  # the next job runs
+            pipe(prompt="a cat", width=64, height=64, num_inference_steps=1, output_type="pil")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device.device)
+        torch.cuda.empty_cache()
