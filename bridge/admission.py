@@ -179,20 +179,24 @@ class Admission:
         held = [min(fits[name], self.ceiling(name) or fits[name]) for name in served]
         pixels = max(PIXEL_STEP, min([max_pixels, *held]))
         offer = Offer(served, (pixels // PIXEL_STEP) * PIXEL_STEP)
-        if offer != self._last_offer:
-            self._log_offer(offer, fits, models, capacities[0], max_pixels)
-            self._last_offer = offer
+        self._log_offer(offer, models, capacities[0], max_pixels)
+        self._last_offer = offer
         return offer
 
-    def _log_offer(self, offer: Offer, fits: dict[str, int], models: Sequence[str], room: int,
-                   max_pixels: int) -> None:  # fmt: skip
-        left_out = [name for name in models if name not in offer.models]
-        for name in left_out:
-            logger.warning(
-                "not offering %s: it does not fit this machine's %s (%s weights, %s free for the worker)",
-                name, self.where, _gib(self.model_bytes(name)), _gib(room),
-            )  # fmt: skip
-        if offer.models and offer.max_pixels < max_pixels:
+    def _log_offer(self, offer: Offer, models: Sequence[str], room: int, max_pixels: int) -> None:
+        """Say what changed: models left out or back, and max_pixels when it moved by a tenth or more (free
+        memory moves a little all the time)."""
+        last = self._last_offer
+        for name in models:
+            if name not in offer.models and (last is None or name in last.models):
+                logger.warning(
+                    "not offering %s: it does not fit this machine's %s (%s weights, %s free for the worker)",
+                    name, self.where, _gib(self.model_bytes(name)), _gib(room),
+                )  # fmt: skip
+            elif name in offer.models and last is not None and name not in last.models:
+                logger.info("offering %s again: it fits this machine's %s now", name, self.where)
+        moved = last is None or abs(offer.max_pixels - last.max_pixels) >= last.max_pixels / 10
+        if offer.models and moved and offer.max_pixels < max_pixels:
             logger.warning(
                 "advertising max_pixels %d (about %d²) instead of max_power's %d: what %s holds",
                 offer.max_pixels, int(offer.max_pixels**0.5), max_pixels, self.where,
