@@ -146,8 +146,10 @@ class BridgeConfig(BaseModel):
     cache_home: str = "./model-cache"
     temp_dir: str = "./tmp"
     state_dir: str = "./worker-state"
-    ram_to_leave_free: str = "80%"
-    vram_to_leave_free: str = "80%"
+    # Soft targets: how much stays free between jobs (models/cache.py), never a ceiling on a job. Not the
+    # legacy "80%": on a 16 GB machine that keeps no model loaded, so every job reloads its model from disk.
+    ram_to_leave_free: str = "30%"
+    vram_to_leave_free: str = "30%"
     # Output
     disable_terminal_ui: bool = False
     stats_output_frequency: int = Field(30, ge=0)

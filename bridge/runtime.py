@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bridge.admission import Admission
     from bridge.config import BridgeConfig
     from bridge.sources import SourceFetcher
     from models.device import DevicePolicy
@@ -23,3 +24,5 @@ class Runtime:
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
     controlnets: Any = None  # controlnet.ControlNets: None unless allow_controlnet
     cache: Any = None  # models.cache.ModelCache of every family: its budgets say what runs side by side
+    # What this machine can hold (models, max_pixels, forms); None: no admission control (tests, tools).
+    admission: Admission | None = None

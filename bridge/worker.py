@@ -185,13 +185,17 @@ def build_worker(
     """The runtime and sources. `weights_dir` (default cache_home) holds post-processor and interrogator
     weights; `interrogator_models` names other interrogator models than the defaults (caption_model,
     clip_model, nsfw_model)."""
-    from models.cache import ModelCache, ram_budget, vram_budget
+    from bridge.admission import Admission
+    from models.cache import ModelCache
     from models.device import DevicePolicy
+    from models.working_memory import TABLE_FILE, WorkingMemoryTable
 
     device = device or DevicePolicy.detect()
     apply_cpu_thread_policy(config, device)
-    cache = ModelCache(device, ram_budget_bytes=ram_budget(config.ram_to_leave_free),
-                       vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
+    # Soft budgets, read from the machine whenever room is made: never a ceiling on what a job may load.
+    cache = ModelCache(device, ram_to_leave_free=config.ram_to_leave_free,
+                       vram_to_leave_free=config.vram_to_leave_free)
+    log_memory(config, cache)
     weights = weights_dir or Path(config.cache_home)
     names = {key: value for key in ("caption_model", "clip_model", "nsfw_model")
              if (value := getattr(config, key)) is not None}
@@ -200,6 +204,8 @@ def build_worker(
                       fetcher=SourceFetcher(allow_private=config.allow_private_sources))
     runtime.cache = cache
     runtime.postprocessors = _postprocessors(weights, cache, device)
+    table = WorkingMemoryTable(device, Path(config.cache_home) / TABLE_FILE)
+    runtime.admission = Admission(cache=cache, device=device, table=table)
     sources: list[JobSource] = []
     if plan.dreamer:
         from bridge.jobs.generation import GenerationSource
@@ -209,6 +215,7 @@ def build_worker(
         _quiet_diffusers()
         runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
                                       cache_home=Path(config.cache_home), models=plan.models)
+        runtime.admission.models = runtime.models
         runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
                                              forms=[NSFW_FORM], **names).nsfw
         if config.allow_controlnet:
@@ -218,16 +225,57 @@ def build_worker(
                                               cache_home=Path(config.cache_home))
         sources.append(GenerationSource())
     if plan.alchemist:
-        from bridge.jobs.alchemy import AlchemySource
+        from bridge.jobs.alchemy import FORM_TTL, AlchemySource
+        from bridge.jobs.tiles import TileBudget, calibrate
         from interrogators import build_interrogators
 
         runtime.interrogators = build_interrogators(models_dir=weights, cache=cache, device=device,
                                                     forms=config.forms, **names)
         # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
         # first pop, not inside a form's 3-minute ttl.
-        runtime.interrogators.warm()
-        sources.append(AlchemySource())
+        warm_interrogators(runtime.interrogators, runtime.admission)
+        tiles = TileBudget(ttl=FORM_TTL, queue_size=config.queue_size, max_threads=config.max_threads)
+        calibrate(tiles, runtime.postprocessors, config.forms)
+        sources.append(AlchemySource(tiles=tiles))
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
+
+
+def warm_interrogators(interrogators, admission) -> None:
+    """Load each interrogator once (and embed the term lists). One whose model this machine cannot hold
+    (by its files' size, or failing to load) is dropped from the set, so its form is never offered; the
+    others are served."""
+    from bridge.admission import MEMORY_ERRORS, free_device_memory, interrogator_sizes
+
+    sizes = interrogator_sizes(interrogators, admission.table, admission.device.dtype)
+    for form in interrogators.ready_forms():
+        failed = None
+        if form in sizes and not admission.form_fits(form, *sizes[form]):
+            failed = f"{sizes[form][0] / 1024**3:.1f} GiB of weights, {admission.where} too small"
+        else:
+            try:
+                getattr(interrogators, form).warm()
+            except MEMORY_ERRORS as exc:
+                failed = f"{type(exc).__name__}: {exc}"
+        if failed:
+            free_device_memory(admission.device)
+            log.error("the %s form's model does not fit this machine (%s): not serving it", form, failed)
+            setattr(interrogators, form, None)
+
+
+def log_memory(config: BridgeConfig, cache) -> None:
+    """What the volunteer's two memory keys mean on this machine, in one line each."""
+    from models.cache import Tier
+
+    gib = 1024**3
+    ram_free, ram_total = cache.device.ram_bytes()
+    log.info("memory: %.1f GiB RAM, %.1f GiB free; models stay cached between jobs up to %.1f GiB "
+             "(ram_to_leave_free %s); a job may use up to %.1f GiB", ram_total / gib, ram_free / gib,
+             cache.budget(Tier.RAM) / gib, config.ram_to_leave_free, cache.capacity(Tier.RAM) / gib)
+    if cache.device.has_vram:
+        free, total = cache.device.vram_bytes()
+        log.info("memory: %.1f GiB GPU, %.1f GiB free; models stay on it between jobs up to %.1f GiB "
+                 "(vram_to_leave_free %s); a job may use up to %.1f GiB", total / gib, free / gib,
+                 cache.budget(Tier.VRAM) / gib, config.vram_to_leave_free, cache.capacity(Tier.VRAM) / gib)
 
 
 def cpu_torch_threads(cores: int, max_threads: int) -> int:

@@ -1,8 +1,17 @@
-"""ModelCache: models held in RAM (and, on CUDA, VRAM) within byte budgets, evicted least-recently-used.
+"""ModelCache: models held in RAM (and, on CUDA, VRAM), evicted least-recently-used through one make_room.
 
 Every object keeps one RAM copy of its weights for as long as it is cached (pinned on CUDA). Moving to the
 GPU makes a second, device copy; evicting from VRAM just points the parameters back at the RAM copy, so an
 offload costs no device-to-host copy. A model in use is locked and is never evicted.
+
+Two limits per tier, both read from the machine (`DevicePolicy.memory`) whenever room is made:
+* the soft budget (`ram_to_leave_free` / `vram_to_leave_free`): what may stay cached *between* jobs. Room
+  for a load evicts unlocked models down to it, and `trim()` (before each pop) gives memory back as other
+  programs grow;
+* the capacity: what the device physically holds for this process (free memory plus what the cache itself
+  holds, less a small reserve). The model a job needs always loads when it fits the capacity, every unlocked
+  model evicted first; only a model beyond it (or beyond what models in use leave) raises CacheFullError.
+A job's working memory (activations) is held through `working_memory()` and counts like a model.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 
 from models.device import DevicePolicy
+from models.machine import RAM, VRAM
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +42,12 @@ MIB = 1024 * 1024
 
 
 class Tier(StrEnum):
-    RAM = "ram"
-    VRAM = "vram"
+    RAM = RAM
+    VRAM = VRAM
 
 
 class CacheFullError(RuntimeError):
-    """No room for a model: it exceeds the budget, or every resident model stays locked."""
+    """No room for a model: the device cannot hold it, or what models in use leave is not enough."""
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -64,7 +74,7 @@ def leave_free_bytes(spec: str | int | float, total_bytes: int) -> int:
 def memory_budget(
     spec: str | int | float, *, total_bytes: int, available_bytes: int, held_bytes: int = 0
 ) -> int:
-    """Bytes a cache may hold so that at least `spec` of memory stays free.
+    """Bytes a cache may keep between jobs so that at least `spec` of memory stays free (the soft budget).
 
     Pure: `available_bytes` is what the system reports free now; `held_bytes` is what this cache already holds
     (it would be given back by eviction, so it counts as usable).
@@ -73,18 +83,44 @@ def memory_budget(
     return max(0, min(usable, total_bytes) - leave_free_bytes(spec, total_bytes))
 
 
-def ram_budget(spec: str | int | float) -> int:
-    """The RAM budget on this machine now (psutil), for `ram_to_leave_free`."""
-    import psutil
+def hard_reserve(total_bytes: int) -> int:
+    """What the cache never takes even for a job: the device's own slack (driver, allocator, page tables)."""
+    return min(512 * MIB, total_bytes // 20)
 
-    vm = psutil.virtual_memory()
-    return memory_budget(spec, total_bytes=vm.total, available_bytes=vm.available)
+
+def device_capacity(*, total_bytes: int, available_bytes: int, held_bytes: int = 0) -> int:
+    """Bytes this process can hold on a device now: free memory plus what it holds, less the reserve. Pure."""
+    usable = max(0, available_bytes) + max(0, held_bytes)
+    return max(0, min(usable, total_bytes) - hard_reserve(total_bytes))
+
+
+def ram_budget(spec: str | int | float, device: DevicePolicy | None = None) -> int:
+    """The soft RAM budget of the machine now (the policy's, or this computer's), for `ram_to_leave_free`."""
+    reading = (device or DevicePolicy.cpu()).machine.ram()
+    return memory_budget(spec, total_bytes=reading.total, available_bytes=reading.available)
 
 
 def vram_budget(spec: str | int | float, device: DevicePolicy) -> int:
-    """The VRAM budget of the policy's device now, for `vram_to_leave_free`; 0 on CPU."""
-    free, total = device.vram_bytes()
-    return memory_budget(spec, total_bytes=total, available_bytes=free) if total else 0
+    """The soft VRAM budget of the policy's device now, for `vram_to_leave_free`; 0 without a card."""
+    reading = device.machine.vram()
+    if not reading.total:
+        return 0
+    return memory_budget(spec, total_bytes=reading.total, available_bytes=reading.available)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one tier may keep cached between jobs: what leaves `leave_free` of the machine free (re-read every
+    time), or a set number of bytes (`fixed`: tools and eviction-order tests)."""
+
+    leave_free: str | int | float | None = None
+    fixed: int | None = None
+
+    def soft_bytes(self, total: int, available: int, held: int) -> int:
+        if self.fixed is not None:
+            return int(self.fixed)
+        spec = self.leave_free if self.leave_free is not None else 0
+        return memory_budget(spec, total_bytes=total, available_bytes=available, held_bytes=held)
 
 
 # --- cached objects ------------------------------------------------------------------------------------
@@ -149,24 +185,41 @@ class _Entry:
     move_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(frozen=True)
+class _Working:
+    tier: Tier
+    nbytes: int
+    owner: int  # thread ident
+
+
 class ModelCache:
     def __init__(
         self,
         device: DevicePolicy,
         *,
-        ram_budget_bytes: int,
+        ram_budget_bytes: int | None = None,
         vram_budget_bytes: int | None = None,
+        ram_to_leave_free: str | int | float | None = None,
+        vram_to_leave_free: str | int | float | None = None,
         wait_timeout: float = 300.0,
     ) -> None:
+        """Budgets: `*_to_leave_free` (the operator's keys, re-read from the machine) or `*_budget_bytes`
+        (a set number of bytes). RAM needs one of them; VRAM defaults to leaving 10% of the card free."""
+        if ram_budget_bytes is None and ram_to_leave_free is None:
+            raise TypeError("ModelCache needs ram_to_leave_free (or ram_budget_bytes)")
         self.device = device
-        self._ram_budget = int(ram_budget_bytes)
-        if vram_budget_bytes is None:
-            vram_budget_bytes = int(device.vram_bytes()[0] * 0.9)
-        self._vram_budget = int(vram_budget_bytes)
+        vram_spec = vram_to_leave_free if vram_to_leave_free is not None else "10%"
+        self._budgets = {
+            Tier.RAM: Budget(ram_to_leave_free, ram_budget_bytes),
+            Tier.VRAM: Budget(vram_spec, vram_budget_bytes),
+        }
         self._wait_timeout = wait_timeout
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._working: dict[int, _Working] = {}
         self._cond = threading.Condition()
         self.evictions: deque[tuple[str, Tier]] = deque(maxlen=1000)
+        self.loads = 0  # models loaded from disk so far (a job that loaded one measures no working memory)
+        self.holds = 0  # working-memory holds so far (a job that overlapped another measures nothing either)
 
     # --- public API ----------------------------------------------------------------------------------
 
@@ -180,11 +233,35 @@ class ModelCache:
         """
         entry = self._acquire(key, loader, size_hint)
         try:
-            if self.device.is_cuda:
+            if self.device.has_vram:
                 self._to_device(entry)
             yield entry.obj
         finally:
             self._release(entry)
+
+    @contextmanager
+    def working_memory(self, nbytes: int, *, keep: tuple[str, ...] = (), tier: Tier | str | None = None
+                       ) -> Iterator[None]:  # fmt: skip
+        """Hold `nbytes` of the execution device (or `tier`) for a job's activations while the block runs:
+        room is made as for a model (models in `keep`, the ones the job is about to use, are not evicted
+        for it), and loads during the block count it as used."""
+        chosen = Tier(tier or self.device.execution_tier)
+        nbytes = max(0, int(nbytes))
+        token = id(object())
+        with self._cond:
+            evicted = self._make_room(nbytes, chosen, keep=frozenset(keep))
+            self.device.machine.account(chosen, nbytes)
+            self._working[token] = _Working(chosen, nbytes, threading.get_ident())
+            self.holds += 1
+        if evicted:
+            _release_freed_memory()
+        try:
+            yield
+        finally:
+            with self._cond:
+                del self._working[token]
+                self.device.machine.account(chosen, -nbytes)
+                self._cond.notify_all()
 
     def resident(self) -> list[str]:
         """Keys in RAM, least recently used first."""
@@ -217,20 +294,40 @@ class ModelCache:
             return True
 
     def make_room(self, nbytes: int, tier: Tier | str = Tier.RAM) -> None:
-        """Evict least-recently-used unlocked models until `nbytes` more fit in `tier`'s budget; wait for
-        locked models to be released if that is the only way, up to the cache's wait timeout."""
+        """Evict least-recently-used unlocked models down to the soft budget with `nbytes` more; raise
+        CacheFullError if `nbytes` then exceeds what the device can hold, after waiting (up to the cache's
+        wait timeout) for models in use by other threads to be released."""
         with self._cond:
             evicted = self._make_room(int(nbytes), Tier(tier))
         if evicted:
             _release_freed_memory()
 
+    def trim(self) -> None:
+        """Give back what the soft budgets no longer allow (between jobs: the machine may have changed)."""
+        evicted = False
+        with self._cond:
+            for tier in self._tiers():
+                evicted = self._make_room(0, tier, wait=False) or evicted
+        if evicted:
+            _release_freed_memory()
+
+    def budget(self, tier: Tier | str = Tier.RAM) -> int:
+        """The soft budget of `tier` now: what may stay cached between jobs."""
+        with self._cond:
+            return self._limits(Tier(tier))[0]
+
+    def capacity(self, tier: Tier | str = Tier.RAM) -> int:
+        """What `tier` can hold for this process now, counting everything the cache holds as reclaimable."""
+        with self._cond:
+            return self._limits(Tier(tier))[1]
+
     @property
     def ram_budget_bytes(self) -> int:
-        return self._ram_budget
+        return self.budget(Tier.RAM)
 
     @property
     def vram_budget_bytes(self) -> int:
-        return self._vram_budget
+        return self.budget(Tier.VRAM)
 
     def used_bytes(self, tier: Tier | str = Tier.RAM) -> int:
         with self._cond:
@@ -238,51 +335,64 @@ class ModelCache:
 
     # --- internals (callers hold self._cond unless noted) --------------------------------------------
 
+    def _tiers(self) -> tuple[Tier, ...]:
+        return (Tier.RAM, Tier.VRAM) if self.device.has_vram else (Tier.RAM,)
+
     def _used(self, tier: Tier) -> int:
+        working = sum(w.nbytes for w in self._working.values() if w.tier is tier)
         if tier is Tier.RAM:
-            return sum(e.ram_bytes for e in self._entries.values())
-        return sum(e.vram_reserved for e in self._entries.values())
+            return working + sum(e.ram_bytes for e in self._entries.values())
+        return working + sum(e.vram_reserved for e in self._entries.values())
 
-    def _budget(self, tier: Tier) -> int:
-        return self._ram_budget if tier is Tier.RAM else self._vram_budget
+    def _limits(self, tier: Tier) -> tuple[int, int]:
+        """(soft budget, capacity) of `tier`, read from the machine now."""
+        reading = self.device.machine.ram() if tier is Tier.RAM else self.device.machine.vram()
+        held = self._used(tier)
+        capacity = device_capacity(
+            total_bytes=reading.total, available_bytes=reading.available, held_bytes=held
+        )
+        soft = self._budgets[tier].soft_bytes(reading.total, reading.available, held)
+        return min(soft, capacity), capacity
 
-    def _make_room(self, nbytes: int, tier: Tier) -> bool:
-        budget = self._budget(tier)
-        if nbytes > budget:
-            raise CacheFullError(
-                f"a model of {nbytes / MIB:.0f} MiB does not fit "
-                f"the {tier.value} budget of {budget / MIB:.0f} MiB"
-            )
+    def _make_room(self, nbytes: int, tier: Tier, *, wait: bool = True, keep: frozenset[str] = frozenset()
+                   ) -> bool:  # fmt: skip
+        """The one eviction path. Returns whether anything was evicted."""
         deadline = time.monotonic() + self._wait_timeout
         evicted = False
-        while self._used(tier) + nbytes > budget:
-            victim = self._lru_victim(tier)
-            if victim is not None:
+        while True:
+            # Read once per round: evictions below free memory the machine only reports after collection.
+            soft, capacity = self._limits(tier)
+            if nbytes > capacity:
+                raise CacheFullError(
+                    f"{nbytes / MIB:.0f} MiB does not fit: this machine's {tier.value} holds "
+                    f"{capacity / MIB:.0f} MiB for the worker (with every cached model unloaded)"
+                )
+            while self._used(tier) + nbytes > soft and (victim := self._lru_victim(tier, keep)) is not None:
                 self._evict(victim, tier)
                 evicted = True
-                continue
+            if self._used(tier) + nbytes <= capacity or not wait:
+                return evicted
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._others_hold(tier):
                 raise CacheFullError(
                     f"no room for {nbytes / MIB:.0f} MiB in {tier.value}: "
-                    f"{self._used(tier) / MIB:.0f} of {budget / MIB:.0f} MiB held by models in use"
+                    f"{self._used(tier) / MIB:.0f} of {capacity / MIB:.0f} MiB held by models in use"
                 )
             logger.info("cache: waiting for a %s model to be released", tier.value)
             self._cond.wait(remaining)
-        return evicted
 
     def _others_hold(self, tier: Tier) -> bool:
-        """Whether another thread holds (or is loading) a model whose release would free `tier` room."""
+        """Whether another thread holds (or is loading) something whose release would free `tier` room."""
         me = threading.get_ident()
         for entry in self._entries.values():
             held = entry.ram_bytes if tier is Tier.RAM else entry.vram_reserved
             if held and entry.locks > entry.owners.get(me, 0):
                 return True
-        return False
+        return any(w.tier is tier and w.nbytes and w.owner != me for w in self._working.values())
 
-    def _lru_victim(self, tier: Tier) -> _Entry | None:
+    def _lru_victim(self, tier: Tier, keep: frozenset[str] = frozenset()) -> _Entry | None:
         for entry in self._entries.values():
-            if entry.locks or entry.loading:
+            if entry.locks or entry.loading or entry.key in keep:
                 continue
             if tier is Tier.RAM or entry.vram_reserved:
                 return entry
@@ -296,8 +406,20 @@ class ModelCache:
         else:
             self._offload(entry)
 
+    def _hold(self, entry: _Entry, tier: Tier, nbytes: int) -> None:
+        """Set what an entry holds in `tier`, telling the machine (an injected one keeps a ledger, and
+        refuses more than it has as the real device would)."""
+        before = entry.ram_bytes if tier is Tier.RAM else entry.vram_reserved
+        if nbytes != before:
+            self.device.machine.account(tier, nbytes - before)
+        if tier is Tier.RAM:
+            entry.ram_bytes = nbytes
+        else:
+            entry.vram_reserved = nbytes
+
     def _remove(self, entry: _Entry) -> None:
         self._offload(entry)
+        self._hold(entry, Tier.RAM, 0)
         self._entries.pop(entry.key, None)
         entry.obj = None
         entry.ram_copies = []
@@ -305,10 +427,11 @@ class ModelCache:
 
     def _offload(self, entry: _Entry) -> None:
         if entry.on_device:
-            for tensor, ram_copy in entry.ram_copies:
-                tensor.data = ram_copy
+            if self.device.is_cuda:
+                for tensor, ram_copy in entry.ram_copies:
+                    tensor.data = ram_copy
             entry.on_device = False
-        entry.vram_reserved = 0
+        self._hold(entry, Tier.VRAM, 0)
         self._cond.notify_all()
 
     def _acquire(self, key: str, loader: Callable[[], Any], size_hint: int | None) -> _Entry:
@@ -324,7 +447,8 @@ class ModelCache:
                 return entry
             reserve = int(size_hint or 0)
             evicted = self._make_room(reserve, Tier.RAM)
-            entry = _Entry(key=key, ram_bytes=reserve)
+            entry = _Entry(key=key)
+            self._hold(entry, Tier.RAM, reserve)
             self._lock_entry(entry)
             self._entries[key] = entry
         if evicted:
@@ -333,6 +457,7 @@ class ModelCache:
             return self._load(entry, loader)
         except BaseException:
             with self._cond:
+                self._hold(entry, Tier.RAM, 0)
                 self._entries.pop(key, None)
                 self._cond.notify_all()
             raise
@@ -348,13 +473,11 @@ class ModelCache:
                     t.data = t.data.pin_memory()
         size = sum(t.numel() * t.element_size() for t in tensors)
         with self._cond:
-            entry.ram_bytes = 0  # the reservation is replaced by the real size
-            try:
-                evicted = self._make_room(size, Tier.RAM)
-            except CacheFullError:
-                entry.ram_bytes = size
-                raise
-            entry.obj, entry.ram_bytes, entry.loading = obj, size, False
+            self.loads += 1
+            self._hold(entry, Tier.RAM, size)  # the reservation becomes the real size
+            # It is in memory already: only what else stays cached is the budget's business now.
+            evicted = self._make_room(0, Tier.RAM, wait=False)
+            entry.obj, entry.loading = obj, False
             entry.ram_copies = [(t, t.data) for t in tensors]
             self._cond.notify_all()
         if evicted:
@@ -385,35 +508,32 @@ class ModelCache:
             _release_freed_memory()
 
     def _to_device(self, entry: _Entry) -> None:
-        """Copy a locked entry's weights onto the GPU from its pinned RAM copy (not holding self._cond)."""
+        """Put a locked entry's weights on the device (not holding self._cond): a copy from its pinned RAM
+        copy on CUDA; on an injected machine's simulated card, the bookkeeping alone."""
         with entry.move_lock:
             if entry.on_device:
                 return
-            with self._cond:
-                self._make_room(entry.ram_bytes, Tier.VRAM)
-                entry.vram_reserved = entry.ram_bytes
             try:
-                for tensor, ram_copy in entry.ram_copies:
-                    tensor.data = ram_copy.to(self.device.device, non_blocking=ram_copy.is_pinned())
-                torch.cuda.current_stream(self.device.device).synchronize()
-            except torch.cuda.OutOfMemoryError as exc:
+                with self._cond:
+                    evicted = self._make_room(entry.ram_bytes, Tier.VRAM, keep=frozenset({entry.key}))
+                    entry.on_device = True  # from here an offload restores every tensor, moved or not
+                    self._hold(entry, Tier.VRAM, entry.ram_bytes)
+                if evicted:
+                    _release_freed_memory()
+                if self.device.is_cuda:
+                    for tensor, ram_copy in entry.ram_copies:
+                        tensor.data = ram_copy.to(self.device.device, non_blocking=ram_copy.is_pinned())
+                    torch.cuda.current_stream(self.device.device).synchronize()
+            except torch.OutOfMemoryError as exc:
                 self._on_device_oom(entry, exc)
             with self._cond:
-                entry.on_device = True
                 self._entries.move_to_end(entry.key)
 
     def _on_device_oom(self, entry: _Entry, exc: BaseException) -> None:
         with self._cond:
-            used_before = self._used(Tier.VRAM) - entry.vram_reserved
-            # Shrink so that the same combination is never tried again: next time others are evicted first.
-            self._vram_budget = max(0, min(int(self._vram_budget * 0.9), used_before + entry.ram_bytes - 1))
-            entry.on_device = True  # so that _offload restores every tensor, moved or not
             self._offload(entry)
             entry.drop_pending = True
-        torch.cuda.empty_cache()
-        logger.error(
-            "cache: out of device memory moving %s; VRAM budget now %.0f MiB",
-            entry.key,
-            self._vram_budget / MIB,
-        )
+        if self.device.is_cuda:
+            torch.cuda.empty_cache()
+        logger.error("cache: out of device memory moving %s onto the device: dropped it", entry.key)
         raise DeviceOutOfMemoryError(f"out of device memory loading {entry.key}: {exc}") from exc

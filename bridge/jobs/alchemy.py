@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from bridge.admission import MEMORY_ERRORS, free_device_memory, interrogator_sizes, post_processor_sizes
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
 from bridge.errors import HordeError
 from bridge.families import ALCHEMY
 from bridge.images import RESULT_QUALITY, encode_webp
 from bridge.jobs.base import ON_CPU, Job, JobSource, JobTimings, Placement, Submission, bytes_on_disk
+from bridge.jobs.tiles import TileBudget
 from bridge.safe_text import server_text
 from bridge.sources import SourceImageError
 
@@ -35,9 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
-# Upscale forms of sources with more 512x512 tiles than this are not offered to us. The horde's parser
-# default (80 tiles: a 4.5-megapixel source x4) takes minutes per form on a CPU; 16 tiles (a 2048x2048
-# source) keeps an x4 upscale within the form's TTL on a few cores.
+# Upscale forms of sources with more 512x512 tiles than this are not offered to us. A worker follows its
+# measured upscaling speed instead (bridge/jobs/tiles.py); this is the value before anything is measured.
 DEFAULT_MAX_TILES = 16
 INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw")
 UPLOAD_BUDGET_S = 30.0  # an R2 PUT that has not worked within this long will not
@@ -114,7 +115,14 @@ class AlchemyJob(Job):
         self.prepare(runtime)  # a no-op after the loop's prepare; lets a caller skip it
         if self.image is None:
             return self.fault(self.problem or "no source image")
-        return [self.run(runtime, self.image)]
+        reason = None
+        try:
+            return [self.run(runtime, self.image)]
+        except MEMORY_ERRORS as exc:
+            reason = f"out of memory: {type(exc).__name__}: {exc}"[:250]
+        # Outside the handler, so that the failed run's frames (and its tensors) are released first.
+        free_device_memory(runtime.device)
+        return self.fault(reason)
 
     @abc.abstractmethod
     def run(self, runtime: Runtime, image: Image.Image) -> Submission:
@@ -203,6 +211,8 @@ class NsfwJob(_InterrogatorJob):
 class PostProcessJob(AlchemyJob):
     """Every post-processor form: apply it, PUT the webp (quality 95) to r2_upload, submit "R2"."""
 
+    tiles: TileBudget | None = None  # its source's speed record, told how long this form took
+
     def weights(self, runtime: Runtime) -> list[Path]:
         if runtime.postprocessors is None or not self.form.r2_upload:
             return []
@@ -221,6 +231,8 @@ class PostProcessJob(AlchemyJob):
         started = time.monotonic()
         processed = runtime.postprocessors.apply(image, [self.form.form], strength=strength)
         self.timings.post_processing += time.monotonic() - started
+        if self.tiles is not None:
+            self.tiles.observe(self.form.form, image.width * image.height, time.monotonic() - started)
         data = encode_webp(processed.image, quality=RESULT_QUALITY)
         return self.ok({self.form.form: "R2"}, image=data, upload_url=self.form.r2_upload)
 
@@ -269,19 +281,44 @@ class AlchemySource(JobSource):
     name: ClassVar[str] = "alchemy"
     family: ClassVar[str] = ALCHEMY
 
-    def __init__(self, *, max_tiles: int = DEFAULT_MAX_TILES) -> None:
+    def __init__(self, *, max_tiles: int = DEFAULT_MAX_TILES, tiles: TileBudget | None = None) -> None:
+        """`tiles`: max_tiles follows this machine's measured upscaling speed; without it, `max_tiles`."""
         self.max_tiles = max_tiles
+        self.tiles = tiles
         self._unready_logged: tuple[str, ...] | None = None
+        self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
 
     def ready_forms(self, runtime: Runtime) -> list[str]:
-        """The configured forms (config `forms`, in its order) that are servable now."""
+        """The configured forms (config `forms`, in its order) that are servable now: weights present, fast
+        enough for the TTL, and (with admission control) models that fit the machine."""
         servable = servable_forms(runtime)
         configured: Sequence[str] = runtime.config.forms
         missing = tuple(f for f in configured if f not in servable)
         if missing and missing != self._unready_logged:
             logger.warning("alchemy forms not offered (model or weights missing): %s", ", ".join(missing))
         self._unready_logged = missing
-        return [form for form in dict.fromkeys(configured) if form in servable]
+        forms = [form for form in dict.fromkeys(configured) if form in servable]
+        if self.tiles is not None:
+            forms = [form for form in forms if self.tiles.fast_enough(form)]
+        if runtime.admission is not None:
+            forms = runtime.admission.servable_forms(forms, self._form_sizes(runtime, forms))
+        return forms
+
+    def tiles_for(self, forms: Sequence[str]) -> int:
+        return self.tiles.max_tiles(forms) if self.tiles is not None else self.max_tiles
+
+    def _form_sizes(self, runtime: Runtime, forms: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """form -> (weights, working memory), read from the files once per max_tiles."""
+        table, dtype, tiles = runtime.admission.table, runtime.device.dtype, self.tiles_for(forms)
+        missing = [f for f in forms if (f, tiles) not in self._sizes]
+        if missing:
+            found = interrogator_sizes(runtime.interrogators, table, dtype)
+            if runtime.postprocessors is not None:
+                names = [f for f in missing if f not in INTERROGATOR_FORMS]
+                found.update(post_processor_sizes(runtime.postprocessors, names, table, dtype, tiles))
+            for form in missing:
+                self._sizes[(form, tiles)] = found.get(form, (0, 0))
+        return {form: self._sizes[(form, tiles)] for form in forms}
 
     def ready(self, runtime: Runtime) -> bool:
         return bool(self.ready_forms(runtime))
@@ -295,7 +332,7 @@ class AlchemySource(JobSource):
             amount=max(1, capacity),
             bridge_agent=config.bridge_agent,
             threads=config.max_threads,
-            max_tiles=self.max_tiles,
+            max_tiles=self.tiles_for(forms),
         )
 
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[AlchemyJob]:
@@ -316,6 +353,9 @@ class AlchemySource(JobSource):
                       f"{len(reply.forms)}")
             logger.warning("interrogate/pop %s: faulting the %d extra form(s) at once", reason, len(extra))
             jobs += [UnservableJob(form, reason) for form in extra]
+        for job in jobs:
+            if isinstance(job, PostProcessJob):
+                job.tiles = self.tiles
         return jobs
 
     @staticmethod

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from bridge.admission import MemoryFault, memory_guard
 from bridge.api_models import GenerationPopRequest, GenerationPopResponse, GenerationSubmit
 from bridge.config import dreamer_name, max_pixels
 from bridge.errors import HordeError
@@ -153,8 +154,9 @@ class GenerationJob(Job):
                 WorkerLimits.from_config(runtime.config),
                 n_images=len(self.ids),
             )
-            result = run_generation(runtime, request, sources)
-        except (RequestFault, CensorUnavailable) as exc:
+            with memory_guard(runtime, request):
+                result = run_generation(runtime, request, sources)
+        except (RequestFault, CensorUnavailable, MemoryFault) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))
         self.timings.model_load = result.model_load_s
@@ -256,8 +258,14 @@ class GenerationSource(JobSource):
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
         if capacity < 1 or not self.ready(runtime):
             return []
-        models = runtime.models.ready_models()
-        request = pop_request(runtime.config, models, allow_controlnet=_controlnet_ready(runtime, models))
+        models, pixels = runtime.models.ready_models(), max_pixels(runtime.config)
+        if runtime.admission is not None:  # only what this machine can hold now
+            offer = runtime.admission.offer(models, pixels)
+            models, pixels = offer.models, offer.max_pixels
+            if not models:
+                return []
+        request = pop_request(runtime.config, models, pixels=pixels,
+                              allow_controlnet=_controlnet_ready(runtime, models))
         reply = client.pop_generation(request)
         for message in reply.messages:
             logger.info("message from the horde (%s): %s", server_text(message.origin or "horde", limit=40),
@@ -286,9 +294,12 @@ def _controlnet_ready(runtime: Runtime, models: list[str]) -> bool:
     return runtime.controlnets.serves([runtime.models.record(name) for name in models])
 
 
-def pop_request(config: Any, models: list[str], *, allow_controlnet: bool = False) -> GenerationPopRequest:
-    """The generate/pop body from the worker's config (legacy key names) and its ready models;
-    `allow_controlnet` only when the ControlNets and annotators of those models are ready."""
+def pop_request(
+    config: Any, models: list[str], *, pixels: int | None = None, allow_controlnet: bool = False
+) -> GenerationPopRequest:
+    """The generate/pop body from the worker's config (legacy key names) and its ready models; `pixels`, the
+    max_pixels admission control found this machine holds, defaults to max_power's; `allow_controlnet` only
+    when the ControlNets and annotators of those models are ready."""
     return GenerationPopRequest(
         name=dreamer_name(config),
         models=models,
@@ -300,7 +311,7 @@ def pop_request(config: Any, models: list[str], *, allow_controlnet: bool = Fals
         require_upfront_kudos=config.require_upfront_kudos,
         amount=config.max_batch,
         extra_slow_worker=config.extra_slow_worker,
-        max_pixels=max_pixels(config),
+        max_pixels=pixels if pixels is not None else max_pixels(config),
         allow_img2img=config.allow_img2img,
         allow_painting=config.allow_painting,
         allow_unsafe_ipaddr=config.allow_unsafe_ip,

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bridge.api_models import InterrogationPopRequest
 from bridge.config import build_config
 from bridge.horde_api import HordeClient
-from bridge.worker import choose_modes, leave_maintenance, load_reference, plan_worker, weight_records
+from bridge.worker import (
+    build_worker,
+    choose_modes,
+    leave_maintenance,
+    load_reference,
+    plan_worker,
+    weight_records,
+)
 from interrogators.reference import model_dir as interrogator_dir
 from local_horde import DEFAULT_API_KEY, LocalHorde
 from models.device import DevicePolicy
 from models.downloads import model_dir
+from models.machine import InjectedMachine
 from models.reference import ModelReference
 from postprocessors.registry import PostProcessorRegistry
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cpu_only_machine_serves_alchemy_and_refuses_generation_unless_forced():
@@ -130,3 +142,85 @@ def test_allow_controlnet_downloads_the_served_baselines_controlnets_and_annotat
         record = reference.get(name)
         assert {model_dir(tmp_path, record) / f.path for f in record.files} == set(controlnets.files(name))
         assert all(path.is_relative_to(tmp_path / "controlnet") for path in controlnets.files(name))
+
+
+# --- memory: the committed defaults on injected machines -------------------------------------------------
+
+
+def committed_config(horde, tmp_path, **overrides):
+    from bridge.config import load_config
+
+    settings = {"horde_url": horde.base_url, "api_key": DEFAULT_API_KEY, "cache_home": str(tmp_path / "home"),
+                "state_dir": str(tmp_path / "state"), "alchemist_name": "memory-test-alchemist", **overrides}
+    return load_config(REPO / "bridgeData.yaml", environ={}, overrides=settings).config
+
+
+def tiny_alchemist(config, machine, models_dir):
+    from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY
+
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, upstream=False))
+    names = {"caption_model": TINY_CAPTION, "clip_model": TINY_CLIP, "nsfw_model": TINY_SAFETY}
+    return build_worker(config, plan, device=DevicePolicy.cpu(memory=machine), weights_dir=models_dir,
+                        interrogator_models=names)
+
+
+def test_cpu_alchemist_on_a_16_gb_machine_warms_and_serves_its_three_interrogators(
+    tmp_path_factory, tmp_path
+):
+    import threading
+
+    from bridge.daemon import Daemon, LoopTimings
+    from bridge.journal import Journal
+    from bridge.stats import Stats
+    from tests.bridge.test_daemon import make_client, webp
+    from tests.interrogators.helpers import tiny_models_dir
+
+    models_dir = tiny_models_dir(tmp_path_factory)
+    machine = InjectedMachine.gib(16, ram_others=4)  # a 16 GB desktop, 12 GB free
+    with LocalHorde() as horde:
+        config = committed_config(horde, tmp_path, forms=["caption", "interrogation", "nsfw"])
+        worker = tiny_alchemist(config, machine, models_dir)
+        assert (worker.dreamer, worker.alchemist) == (False, True)
+        interrogators = worker.runtime.interrogators
+        assert interrogators.ready_forms() == ["caption", "interrogation", "nsfw"]
+        cache = worker.runtime.admission.cache
+        # Warmed at start, and small enough for the soft budget: all three stay loaded between forms.
+        assert {interrogators.caption.key, interrogators.interrogation.key, interrogators.nsfw.key} == set(
+            cache.resident())
+        assert machine.held("ram") == cache.used_bytes()
+        ids = [horde.request_interrogation(horde.host_image(webp(color), f"{color}.webp"),
+                                           ["caption", "interrogation", "nsfw"])
+               for color in ("purple", "green", "orange")]  # fmt: skip
+        daemon = Daemon(client=make_client(horde), runtime=worker.runtime, sources=worker.sources,
+                        journal=Journal(tmp_path / "inflight.json"), stats=Stats(),
+                        timings=LoopTimings(idle_poll_s=0.05))  # fmt: skip
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        try:
+            statuses = horde.wait_done(ids, timeout=120)
+        finally:
+            daemon.request_stop("test")
+            thread.join(timeout=30)
+    forms = [form for status in statuses.values() for form in status["forms"]]
+    assert len(forms) == 9 and {f["state"] for f in forms} == {"done"}
+    assert {f["form"] for f in forms} == {"caption", "interrogation", "nsfw"}
+
+
+def test_alchemist_on_a_machine_too_small_for_its_models_offers_nothing_and_keeps_running(
+    tmp_path_factory, tmp_path
+):
+    from tests.interrogators.helpers import tiny_models_dir
+
+    models_dir = tiny_models_dir(tmp_path_factory)
+    # 4 GB with everything but 300 MB taken: no interrogator's working memory fits.
+    machine = InjectedMachine(ram_total=4 << 30, ram_others=(4 << 30) - (300 << 20))
+    with LocalHorde() as horde:
+        config = committed_config(horde, tmp_path, forms=["caption", "nsfw"])
+        worker = tiny_alchemist(config, machine, models_dir)  # starts: nothing loaded, nothing raised
+        assert worker.runtime.interrogators.ready_forms() == []
+        assert worker.runtime.admission.cache.resident() == [] and machine.held("ram") == 0
+        [source] = worker.sources
+        assert source.ready_forms(worker.runtime) == []
+        with HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="t:1:n") as client:
+            assert source.pop(client, worker.runtime, 1) == []
+        assert horde.worker_details("memory-test-alchemist") is None

@@ -15,6 +15,7 @@ from models.cache import (
     torch_modules,
 )
 from models.device import DevicePolicy
+from models.machine import InjectedMachine
 
 GIB = 1024 * MIB
 ONE_MIB_FLOATS = MIB // 4
@@ -29,6 +30,22 @@ def mib_module(n_mib: int = 1, fill: float = 1.0) -> torch.nn.Module:
 
 def make_cache(budget_mib: int, **kw) -> ModelCache:
     return ModelCache(DevicePolicy.cpu(), ram_budget_bytes=budget_mib * MIB, **kw)
+
+
+def small_machine(ram_mib: float, vram_mib: float = 0, **others_mib: float) -> InjectedMachine:
+    """An injected machine sized in MiB: the cache's ledger is its memory use."""
+    return InjectedMachine(
+        ram_total=int(ram_mib * MIB),
+        vram_total=int(vram_mib * MIB),
+        ram_others=int(others_mib.get("ram_others", 0) * MIB),
+        vram_others=int(others_mib.get("vram_others", 0) * MIB),
+    )
+
+
+def small_machine_cache(ram_mib: float, *, leave_free: str = "0", vram_mib: float = 0,
+                        vram_leave_free: str = "0", **kw) -> ModelCache:  # fmt: skip
+    device = DevicePolicy.cpu(memory=small_machine(ram_mib, vram_mib))
+    return ModelCache(device, ram_to_leave_free=leave_free, vram_to_leave_free=vram_leave_free, **kw)
 
 
 # --- budget functions ---------------------------------------------------------------------------------
@@ -125,12 +142,27 @@ def test_lru_eviction_order_and_budget_hold():
     assert cache.used_bytes() == 3 * MIB
 
 
-def test_model_larger_than_budget_is_refused_clearly():
-    cache = make_cache(2)
-    with pytest.raises(CacheFullError, match="does not fit"), cache.use("big", lambda: mib_module(3)):
+def test_model_larger_than_the_budget_still_loads_when_the_machine_holds_it():
+    # 20 MiB machine, half to leave free: 10 MiB may stay cached, 19 MiB (less the reserve) can be held.
+    cache = small_machine_cache(20, leave_free="50%")
+    assert cache.budget() == 10 * MIB and cache.capacity() == 19 * MIB
+    with cache.use("big", lambda: mib_module(12)) as big:
+        assert big.weight.shape[0] == 12 * 256
+        assert cache.resident() == ["big"]
+    cache.trim()  # between jobs: more than the soft budget is not kept
+    assert cache.resident() == [] and cache.device.machine.held("ram") == 0
+
+
+def test_model_beyond_what_the_machine_holds_is_refused_clearly():
+    cache = small_machine_cache(20, leave_free="50%")
+    with cache.use("small", lambda: mib_module(2)):
         pass
-    assert cache.resident() == []
-    assert cache.used_bytes() == 0
+    with pytest.raises(CacheFullError, match="does not fit"), cache.use(
+        "huge", lambda: mib_module(30), size_hint=30 * MIB
+    ):
+        pass
+    assert "huge" not in cache.resident()
+    assert cache.device.machine.held("ram") == cache.used_bytes()
 
 
 def test_size_hint_makes_room_before_loading():
@@ -150,26 +182,29 @@ def test_size_hint_makes_room_before_loading():
 
 
 def test_locked_model_survives_eviction_pressure():
-    cache = make_cache(2, wait_timeout=0.2)
+    # 4 MiB machine: the reserve leaves 3.8 MiB; one model may stay between jobs.
+    cache = small_machine_cache(4, leave_free="70%", wait_timeout=0.2)
     with cache.use("locked", lambda: mib_module(1, fill=7.0)) as locked:
         for key in ["x", "y", "z"]:
             with cache.use(key, lambda: mib_module(1)):
                 assert "locked" in cache.resident()
-        with pytest.raises(CacheFullError, match="in use"), cache.use("huge", lambda: mib_module(2)):
+        with pytest.raises(CacheFullError, match="in use"), cache.use(
+            "huge", lambda: mib_module(3), size_hint=3 * MIB
+        ):
             pass
         assert torch.all(locked.weight == 7.0)
     assert "locked" in cache.resident()
-    with cache.use("huge", lambda: mib_module(2)):
+    with cache.use("huge", lambda: mib_module(3), size_hint=3 * MIB):
         assert cache.resident() == ["huge"]
 
 
 def test_a_thread_never_waits_for_its_own_locks():
-    cache = make_cache(2, wait_timeout=60)
+    cache = small_machine_cache(4, leave_free="70%", wait_timeout=60)
     started = time.monotonic()
     with (
-        cache.use("held", lambda: mib_module(2)),
+        cache.use("held", lambda: mib_module(3)),
         pytest.raises(CacheFullError, match="in use"),
-        cache.use("other", lambda: mib_module(1)),
+        cache.use("other", lambda: mib_module(1), size_hint=MIB),
     ):
         pass
     assert time.monotonic() - started < 5  # raised at once, not after the 60 s wait
@@ -177,12 +212,12 @@ def test_a_thread_never_waits_for_its_own_locks():
 
 
 def test_waits_for_a_locked_model_to_be_released():
-    cache = make_cache(2, wait_timeout=10)
+    cache = small_machine_cache(4, leave_free="70%", wait_timeout=10)
     holding = threading.Event()
     release = threading.Event()
 
     def hold():
-        with cache.use("first", lambda: mib_module(2)):
+        with cache.use("first", lambda: mib_module(3)):
             holding.set()
             release.wait(5)
 
@@ -191,7 +226,7 @@ def test_waits_for_a_locked_model_to_be_released():
     holding.wait(5)
     threading.Timer(0.2, release.set).start()
     started = time.monotonic()
-    with cache.use("second", lambda: mib_module(2)):
+    with cache.use("second", lambda: mib_module(3), size_hint=3 * MIB):
         assert cache.resident() == ["second"]
     assert time.monotonic() - started >= 0.15
     thread.join()
@@ -285,7 +320,7 @@ def test_cuda_moves_from_pinned_memory_and_offloads_without_copies():
 
 
 @pytest.mark.gpu
-def test_device_oom_drops_the_model_shrinks_the_budget_and_faults_typed():
+def test_device_oom_drops_the_model_and_faults_typed():
     from models.cache import DeviceOutOfMemoryError
 
     device = DevicePolicy.detect()
@@ -298,8 +333,122 @@ def test_device_oom_drops_the_model_shrinks_the_budget_and_faults_typed():
         with pytest.raises(DeviceOutOfMemoryError), cache.use("big", lambda: module):
             pass
         assert cache.resident() == [] and cache.used_bytes(Tier.VRAM) == 0
-        assert cache.vram_budget_bytes < 128 * MIB
         assert module.weight.device.type == "cpu"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device.device)
         torch.cuda.empty_cache()
+
+
+# --- soft budgets and capacity on injected machines ----------------------------------------------------
+
+
+@pytest.mark.parametrize("ram_gib", [16, 32, 64])
+def test_default_ram_budget_on_injected_machines(ram_gib):
+    from bridge.config import BridgeConfig
+
+    spec = BridgeConfig().ram_to_leave_free
+    others = ram_gib * GIB // 4  # the operating system and the volunteer's programs
+    machine = InjectedMachine(ram_total=ram_gib * GIB, ram_others=others)
+    cache = ModelCache(DevicePolicy.cpu(memory=machine), ram_to_leave_free=spec)
+    free = ram_gib * GIB - others
+    assert cache.capacity() == free - 512 * MIB
+    assert cache.budget() == free - leave_free_bytes(spec, ram_gib * GIB)
+    # BLIP-large + CLIP ViT-L/14 + the safety checker in float32 (4.8 GiB) stay cached between forms even on
+    # the 16 GB machine, and the volunteer keeps the rest.
+    assert cache.budget() >= int(4.8 * GIB)
+    assert ram_gib * GIB - others - cache.budget() >= 4 * GIB
+
+
+@pytest.mark.parametrize("vram_gib", [8, 12, 24])
+def test_default_vram_budget_on_injected_cards(vram_gib):
+    from bridge.config import BridgeConfig
+
+    spec = BridgeConfig().vram_to_leave_free
+    machine = InjectedMachine(ram_total=32 * GIB, vram_total=vram_gib * GIB, vram_others=GIB // 2)
+    device = DevicePolicy.cpu(memory=machine)
+    cache = ModelCache(device, ram_to_leave_free="0", vram_to_leave_free=spec)
+    assert device.has_vram and device.execution_tier == "vram"
+    free = vram_gib * GIB - GIB // 2
+    assert cache.capacity(Tier.VRAM) == free - min(512 * MIB, vram_gib * GIB // 20)
+    assert cache.budget(Tier.VRAM) == free - leave_free_bytes(spec, vram_gib * GIB)
+    # An SD1.5 model in float16 (2.1 GiB) stays on the card between jobs on the smallest of them.
+    assert cache.budget(Tier.VRAM) >= int(2.1 * GIB)
+
+
+def test_budget_is_read_again_as_the_machine_changes():
+    machine = small_machine(20)
+    cache = ModelCache(DevicePolicy.cpu(memory=machine), ram_to_leave_free="25%")
+    for key in ("a", "b", "c"):
+        with cache.use(key, lambda: mib_module(4)):
+            pass
+    assert cache.resident() == ["a", "b", "c"]  # 12 of the 15 MiB budget
+    machine.set_others(ram=8 * MIB)  # the volunteer opened a browser: nothing is free now
+    assert cache.budget() == 7 * MIB
+    cache.trim()
+    assert cache.resident() == ["c"]
+    assert list(cache.evictions) == [("a", Tier.RAM), ("b", Tier.RAM)]
+    machine.set_others(ram=0)
+    assert cache.budget() == 15 * MIB
+
+
+def test_two_models_alternate_under_a_one_model_budget():
+    cache = small_machine_cache(12, leave_free="50%")  # 6 MiB may stay: one 5 MiB model
+    loads: list[str] = []
+
+    def loader(key):
+        def load():
+            loads.append(key)
+            return mib_module(5, fill=1.0 if key == "a" else 2.0)
+
+        return load
+
+    for key in ["a", "b"] * 3:
+        with cache.use(key, loader(key), size_hint=5 * MIB) as module:
+            assert torch.all(module.weight == (1.0 if key == "a" else 2.0))
+            assert cache.resident() == [key]
+    assert loads == ["a", "b"] * 3
+    assert cache.used_bytes() == 5 * MIB == cache.device.machine.held("ram")
+
+
+def test_a_simulated_card_holds_weights_and_working_memory_within_its_size():
+    # 16 MiB card: 0.8 MiB reserve, 12 MiB may stay between jobs.
+    cache = small_machine_cache(64, vram_mib=16, vram_leave_free="25%")
+    machine = cache.device.machine
+    with cache.use("a", lambda: mib_module(6)):
+        assert cache.on_device() == ["a"] and machine.held("vram") == 6 * MIB
+    with cache.use("b", lambda: mib_module(6)):
+        assert sorted(cache.on_device()) == ["a", "b"]
+    # A job on b needs 8 MiB of activations: a leaves the card (not b, which the job is about to use).
+    with cache.working_memory(8 * MIB, keep=("b",)):
+        assert cache.on_device() == ["b"] and machine.held("vram") == 14 * MIB
+        with cache.use("b", lambda: mib_module(6)):
+            pass
+    assert machine.held("vram") == 6 * MIB
+    assert cache.resident() == ["a", "b"]  # a's RAM copy stays: RAM is plentiful
+    with pytest.raises(CacheFullError, match="does not fit"), cache.working_memory(20 * MIB):
+        pass
+    assert machine.held("vram") == cache.used_bytes(Tier.VRAM)
+
+
+def test_out_of_memory_moving_onto_the_card_drops_the_model_and_raises_typed():
+    from models.cache import DeviceOutOfMemoryError
+
+    class FlakyCard(InjectedMachine):
+        """A card that refuses the next allocation although its numbers said it fits (fragmentation)."""
+
+        refuse = True
+
+        def account(self, tier, nbytes):
+            if tier == "vram" and nbytes > 0 and self.refuse:
+                self.refuse = False
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            super().account(tier, nbytes)
+
+    machine = FlakyCard(ram_total=64 * MIB, vram_total=16 * MIB)
+    cache = ModelCache(DevicePolicy.cpu(memory=machine), ram_to_leave_free="0", vram_to_leave_free="0")
+    with pytest.raises(DeviceOutOfMemoryError), cache.use("a", lambda: mib_module(4)):
+        pass
+    assert cache.resident() == [] and cache.on_device() == []
+    assert machine.held("vram") == 0 and machine.held("ram") == 0
+    with cache.use("a", lambda: mib_module(4)):  # the next use works
+        assert cache.on_device() == ["a"]

@@ -323,6 +323,36 @@ def test_fault_and_job_basics() -> None:
     assert job.fault("why")[0].state == "faulted"
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (simulated)"), MemoryError()])
+def test_out_of_memory_in_a_form_faults_it_and_the_next_form_is_served(
+    horde: LocalHorde,
+    client: HordeClient,
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+) -> None:
+    captioner = runtime.interrogators.caption
+    real = captioner.caption
+    calls: list[int] = []
+
+    def caption_once_out_of_memory(image, options=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real(image, options)
+
+    monkeypatch.setattr(captioner, "caption", caption_once_out_of_memory)
+    first = horde.request_interrogation(encoded(picture(11)), ["caption"])
+    [job] = pop_all(AlchemySource(), client, runtime)
+    run_jobs([job], client, runtime)
+    _faulted_once(horde, job)  # the interrogation submit carries no gen_metadata: the reason is logged
+    assert only_form(horde.interrogation_status(first))["state"] == "waiting"
+    [retry] = pop_all(AlchemySource(), client, runtime)  # the requeued form, served this time
+    run_jobs([retry], client, runtime)
+    assert only_form(horde.interrogation_status(first))["state"] == "done"
+    assert len(calls) == 2
+
+
 def _drain(horde: LocalHorde, client: HordeClient, runtime: Runtime) -> int:
     """Serve whatever a test left requeued, so that later tests pop only their own forms."""
     served = 0

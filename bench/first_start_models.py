@@ -1,0 +1,127 @@
+"""Real-shape random-weight models for bench/first_start.py, built once and cached under .bench-cache/.
+
+    .venv/bin/python -m bench.first_start_models [--cache-dir .bench-cache/first_start]
+
+Two SD1.5-shaped checkpoints (UNet 860 M, VAE, CLIP-L text encoder; one fp16 single-file .safetensors each, in
+the original LDM key layout, as the horde's SD1.5 downloads are) with a reference json beside them, and the
+three interrogation models (BLIP-large, CLIP ViT-L/14, the SD safety checker) in the folders
+`build_interrogators` reads. Run as a child process by the benchmark so that building never counts in its
+memory figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SD_MODELS = ("first-start-sd15-a", "first-start-sd15-b")
+RECIPE = "sd15-fp16-1"
+GIB = 1024**3
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def build_sd(dest: Path) -> None:
+    """One SD1.5-shaped fp16 checkpoint, a copy under the second name, sidecars and reference.json."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.downloads import hash_file, write_sidecar
+    from models.loading import CONFIGS_DIR
+    from models.tiny import pipeline_to_ldm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    config = CONFIGS_DIR / "sd1"
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pipe = SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
+        )
+        state = {key: value.to(torch.float16).contiguous() for key, value in pipeline_to_ldm(pipe).items()}
+    del pipe
+    first = dest / f"{SD_MODELS[0]}.safetensors"
+    save_file(state, str(first))
+    del state
+    digest = hash_file(first)
+    write_sidecar(first, digest)
+    for name in SD_MODELS[1:]:
+        shutil.copyfile(first, dest / f"{name}.safetensors")
+        write_sidecar(dest / f"{name}.safetensors", digest)
+    records = {
+        name: {
+            "name": name,
+            "baseline": "stable diffusion 1",
+            "type": "ckpt",
+            "inpainting": False,
+            "style": "generalist",
+            "nsfw": False,
+            "config": {"files": [{"path": f"{name}.safetensors", "sha256sum": digest}], "download": []},
+        }
+        for name in SD_MODELS
+    }
+    (dest / "reference.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    out(
+        f"built {len(SD_MODELS)} SD1.5-shaped fp16 checkpoints of {first.stat().st_size / GIB:.2f} GiB "
+        f"in {time.perf_counter() - started:.0f}s"
+    )
+
+
+def sd_reference(root: Path) -> Path:
+    return root / "sd" / "reference.json"
+
+
+def interrogator_dir(root: Path) -> Path:
+    return root / "interrogators"
+
+
+def is_built(root: Path) -> bool:
+    marker = root / "sd" / ".recipe"
+    return marker.is_file() and marker.read_text() == RECIPE and sd_reference(root).is_file()
+
+
+def build(root: Path) -> None:
+    import logging
+
+    from bench.alchemy import build_models
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not is_built(root):
+        shutil.rmtree(root / "sd", ignore_errors=True)
+        build_sd(root / "sd")
+        (root / "sd" / ".recipe").write_text(RECIPE)
+    started = time.perf_counter()
+    build_models(interrogator_dir(root))  # idempotent: skips folders already built with its recipe
+    out(f"interrogation models ready in {time.perf_counter() - started:.0f}s")
+
+
+def ensure_built(root: Path) -> None:
+    """Build in a child process (its memory never counts in the benchmark's figures)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "bench.first_start_models", "--cache-dir", str(root)], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache") / "first_start")
+    args = parser.parse_args(argv)
+    build(args.cache_dir.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
