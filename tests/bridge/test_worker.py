@@ -151,7 +151,9 @@ def committed_config(horde, tmp_path, **overrides):
     from bridge.config import load_config
 
     settings = {"horde_url": horde.base_url, "api_key": DEFAULT_API_KEY, "cache_home": str(tmp_path / "home"),
-                "state_dir": str(tmp_path / "state"), "alchemist_name": "memory-test-alchemist", **overrides}
+                "state_dir": str(tmp_path / "state"), "alchemist_name": "memory-test-alchemist",
+                "allow_private_sources": True,  # the local horde's sources are on loopback
+                **overrides}
     return load_config(REPO / "bridgeData.yaml", environ={}, overrides=settings).config
 
 

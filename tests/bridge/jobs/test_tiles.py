@@ -88,7 +88,8 @@ def test_pop_asks_for_max_tiles_from_the_measured_speed_and_each_form_updates_it
     with LocalHorde() as horde:
         config = BridgeConfig(api_key=horde.api_key, horde_url=horde.base_url, forms=[UPSCALER],
                               alchemist_name="tiles-alchemist", bridge_agent=REGEN_AGENT)  # fmt: skip
-        runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=5.0),
+        fetcher = SourceFetcher(timeout=5.0, allow_private=True)  # the local horde is on loopback
+        runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher,
                           postprocessors=registry)  # fmt: skip
         assert source.request(runtime, [UPSCALER], 1).max_tiles == 9
         # A 10-tile source is kept for another worker; a 2-tile one is ours.
