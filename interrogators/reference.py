@@ -10,6 +10,8 @@ their `resolve/main` download URLs. `horde_name` says which horde entry each rep
 `model_dir` names and `build_interrogators(models_dir=cache_home)` reads. Only the safety
 checker's weight hash is known (the horde lists the same file); the others carry no sha256, so the downloader
 must verify them by other means (e.g. the hub's X-Linked-ETag, which is the LFS sha256) and keep a sidecar.
+The safety pass's own two single-file models (DeepDanbooru, the aesthetic predictor) carry their published
+sha256, checked again before each load.
 
 Nothing here touches the network: files are fetched by the model manager's downloader, never at run time.
 """
@@ -27,11 +29,15 @@ CAPTION_LARGE = "blip-image-captioning-large"
 CAPTION_BASE = "blip-image-captioning-base"
 CLIP_L14 = "clip-vit-large-patch14"
 SAFETY_CHECKER = "stable-diffusion-safety-checker"
+DEEPDANBOORU = "deepdanbooru-resnet-custom-v3"
+AESTHETIC = "laion-aesthetic-predictor-l14"
 
 # The reference category (and cache_home sub-folder) of each kind of interrogation model.
 CAPTION_KIND = "blip"
 CLIP_KIND = "clip"
 SAFETY_KIND = "safety_checker"
+DEEPDANBOORU_KIND = "deepdanbooru"
+AESTHETIC_KIND = "aesthetic"
 
 
 @cache
@@ -43,6 +49,13 @@ def reference_records() -> dict[str, dict[str, Any]]:
 def model_dir(models_dir: Path, kind: str, name: str) -> Path:
     """The folder of one model: `<models_dir>/<kind>/<name>` (`/` in a name becomes `-`)."""
     return Path(models_dir) / kind / name.replace("/", "-")
+
+
+def reference_sha256(name: str) -> str | None:
+    """The sha256 the shipped reference gives for the (single) weights file of `name`, if any."""
+    record = reference_records().get(name) or {}
+    hashes = [f.get("sha256sum") for f in record.get("config", {}).get("files", []) if f.get("sha256sum")]
+    return str(hashes[0]).lower() if len(hashes) == 1 else None
 
 
 def is_complete(folder: Path) -> bool:
