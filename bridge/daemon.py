@@ -195,16 +195,13 @@ class Daemon:
             started = time.monotonic()
             job.prepare(self.runtime)
             job.timings.source_download = time.monotonic() - started
-            queued = time.monotonic()
-            with self._run_slots:
-                job.timings.queue_wait = time.monotonic() - queued
-                if self.cold:
-                    return job.fault("the worker shut down before this job ran")
-                started = time.monotonic()
-                submissions = job.execute(self.runtime)
-                job.timings.inference = time.monotonic() - started - job.timings.model_load \
-                    - job.timings.post_processing
+            slot = _RunSlot(self._run_slots, job, lambda: self.cold)
+            submissions = job.execute_in_slot(self.runtime, slot)
+            job.timings.inference = time.monotonic() - slot.entered - job.timings.model_load \
+                - job.timings.post_processing - job.timings.safety
             return self._one_per_id(job, submissions)
+        except _ShutDown:
+            return job.fault("the worker shut down before this job ran")
         except Exception as err:  # any failure of a job is that job's fault, never the daemon's
             log.exception("%s failed: %s", job.describe(), err)
             return self._safe_fault(job, f"{type(err).__name__}: {err}"[:250])
@@ -333,6 +330,32 @@ class Daemon:
                         "horde's worker page or with remove_maintenance_on_init: true.", err)
             self._maintenance_warned = True
         self._wait(self.timings.maintenance_poll_s)
+
+
+class _ShutDown(Exception):
+    """A cold shutdown came while the job waited for its run slot."""
+
+
+class _RunSlot:
+    """One of the `max_threads` run slots, entered by the job (`Job.execute_in_slot`) for the steps that
+    need it."""
+
+    def __init__(self, slots: threading.BoundedSemaphore, job: Job, cold: Callable[[], bool]) -> None:
+        self._slots, self._job, self._cold = slots, job, cold
+        self.entered = time.monotonic()
+
+    def __enter__(self) -> _RunSlot:
+        queued = time.monotonic()
+        self._slots.acquire()
+        self.entered = time.monotonic()
+        self._job.timings.queue_wait = self.entered - queued
+        if self._cold():
+            self._slots.release()
+            raise _ShutDown
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._slots.release()
 
 
 def fault_orphan(client: HordeClient, job_id: str, family: str, reason: str) -> float:

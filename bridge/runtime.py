@@ -20,4 +20,5 @@ class Runtime:
     models: Any = None  # models.manager.ModelManager
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
-    safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    safety: Any = None  # interrogators.safety.SafetyPass: checks every generated image (CSAM/NSFW, aesthetic)
+    sd_safety_checker: Any = None  # interrogators.nsfw.NsfwChecker, the optional second opinion

@@ -99,17 +99,23 @@ def plan_worker(config: BridgeConfig, *, has_gpu: bool, client: HordeClient | No
 
 def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
     """Reference records of everything the plan runs on: checkpoints, post-processors, interrogators."""
-    from interrogators.reference import CAPTION_LARGE, CLIP_L14, SAFETY_CHECKER
+    from interrogators.reference import AESTHETIC, CAPTION_LARGE, CLIP_L14, DEEPDANBOORU, SAFETY_CHECKER
     from postprocessors import ORDER as POSTPROCESSORS
 
     wanted = list(plan.models)
     if plan.dreamer:
-        wanted.append(SAFETY_CHECKER)  # censoring
+        wanted += [CLIP_L14, DEEPDANBOORU]  # the safety pass over every generated image
+        if config.send_aesthetic_score:
+            wanted.append(AESTHETIC)
+        if config.sd_safety_checker:
+            wanted.append(SAFETY_CHECKER)
         if config.allow_post_processing:
             wanted += list(POSTPROCESSORS)
     if plan.alchemist:
-        by_form = {"caption": CAPTION_LARGE, "interrogation": CLIP_L14, "nsfw": SAFETY_CHECKER}
-        wanted += [by_form.get(form, form) for form in config.forms]
+        by_form = {"caption": [CAPTION_LARGE], "interrogation": [CLIP_L14], "nsfw": [CLIP_L14, DEEPDANBOORU],
+                   "aesthetic": [CLIP_L14, AESTHETIC]}  # fmt: skip
+        for form in config.forms:
+            wanted += by_form.get(form, [form])
     if "CodeFormers" in wanted:
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
     records = []
@@ -144,7 +150,8 @@ def build_worker(
 ) -> Worker:
     """The runtime and sources. `weights_dir` (default cache_home) holds post-processor and interrogator
     weights; `interrogator_models` names other interrogator models than the defaults (caption_model,
-    clip_model, nsfw_model)."""
+    clip_model, danbooru_model, aesthetic_model; safety_clip_model for the generation safety pass when it
+    is not clip_model; nsfw_model for the SD safety checker)."""
     from models.cache import ModelCache, ram_budget, vram_budget
     from models.device import DevicePolicy
 
@@ -154,20 +161,12 @@ def build_worker(
                        vram_budget_bytes=vram_budget(config.vram_to_leave_free, device))
     weights = weights_dir or Path(config.cache_home)
     names = dict(interrogator_models or {})
+    safety_names = {"clip_model": names.pop("safety_clip_model", names.get("clip_model")),
+                    "danbooru_model": names.get("danbooru_model"),
+                    "sd_checker": names.pop("nsfw_model", None)}  # fmt: skip
     runtime = Runtime(config=config, device=device, fetcher=SourceFetcher())
     runtime.postprocessors = _postprocessors(weights, cache, device)
     sources: list[JobSource] = []
-    if plan.dreamer:
-        from bridge.jobs.generation import GenerationSource
-        from interrogators import NSFW_FORM, build_interrogators
-        from models.manager import ModelManager
-
-        _quiet_diffusers()
-        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
-                                      cache_home=Path(config.cache_home), models=plan.models)
-        runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
-                                             forms=[NSFW_FORM], **names).nsfw
-        sources.append(GenerationSource())
     if plan.alchemist:
         from bridge.jobs.alchemy import AlchemySource
         from interrogators import build_interrogators
@@ -177,8 +176,54 @@ def build_worker(
         # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
         # first pop, not inside a form's 3-minute ttl.
         runtime.interrogators.warm()
+    if plan.dreamer:
+        from bridge.jobs.generation import GenerationSource
+        from models.manager import ModelManager
+
+        _quiet_diffusers()
+        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
+                                      cache_home=Path(config.cache_home), models=plan.models)
+        _build_generation_safety(runtime, weights, cache, names.get("aesthetic_model"), **safety_names)
+        sources.append(GenerationSource())
+    if plan.alchemist:
         sources.append(AlchemySource())
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
+
+
+def _build_generation_safety(
+    runtime: Runtime, weights: Path, cache, aesthetic_model: str | None, *,
+    clip_model: str | None, danbooru_model: str | None, sd_checker: str | None,
+) -> None:  # fmt: skip
+    """The safety pass every generated image goes through (sharing the alchemy forms' CLIP when it is the
+    same model), warmed now: without it the worker pops no generation (GenerationSource.ready)."""
+    from interrogators import build_safety, build_sd_safety_checker
+    from interrogators.reference import AESTHETIC, CLIP_L14, DEEPDANBOORU, SAFETY_CHECKER
+
+    config, clip_model = runtime.config, clip_model or CLIP_L14
+    embedder = _shared_embedder(runtime.interrogators, clip_model)
+    aesthetic = (aesthetic_model or AESTHETIC) if config.send_aesthetic_score else None
+    safety = build_safety(models_dir=weights, cache=cache, clip_model=clip_model, embedder=embedder,
+                          danbooru_model=danbooru_model or DEEPDANBOORU, aesthetic_model=aesthetic)
+    try:
+        if safety is not None and safety.can_decide:
+            safety.warm()  # loads, and embeds the concept lists once (cached on disk for the next start)
+            runtime.safety = safety
+    except Exception as err:  # a corrupt or mismatched file: say so, serve no generation
+        log.error("the safety pass could not start: %s", err)
+    if runtime.safety is None:
+        log.error("no safety pass (CLIP %s and DeepDanbooru are needed): image generation is off", clip_model)
+    if config.sd_safety_checker:
+        runtime.sd_safety_checker = build_sd_safety_checker(
+            models_dir=weights, cache=cache, device=runtime.device, name=sd_checker or SAFETY_CHECKER)
+
+
+def _shared_embedder(interrogators, clip_model: str):
+    """The alchemy forms' CLIP, when the generation pass reads the same model (one copy, one memo)."""
+    for user in (getattr(interrogators, "interrogation", None), getattr(interrogators, "safety", None)):
+        embedder = getattr(user, "embedder", None)
+        if embedder is not None and embedder.folder.name == clip_model.replace("/", "-"):
+            return embedder
+    return None
 
 
 def cpu_torch_threads(cores: int, max_threads: int) -> int:

@@ -33,7 +33,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # default (80 tiles: a 4.5-megapixel source x4) takes minutes per form on a CPU; 16 tiles (a 2048x2048
 # source) keeps an x4 upscale within the form's TTL on a few cores.
 DEFAULT_MAX_TILES = 16
-INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw")
+INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw", "aesthetic")  # interrogators.INTERROGATOR_FORMS
 
 
 class AlchemyJob(Job):
@@ -112,10 +112,12 @@ class AlchemyJob(Job):
 
 
 class _InterrogatorJob(AlchemyJob):
-    """A form answered by one of runtime.interrogators (attribute named like the form)."""
+    """A form answered by one of runtime.interrogators (the member named by `serves_from`)."""
+
+    serves_from: ClassVar[str]
 
     def interrogator(self, runtime: Runtime) -> Any:
-        found = getattr(runtime.interrogators, self.form.form, None) if runtime.interrogators else None
+        found = getattr(runtime.interrogators, self.serves_from, None) if runtime.interrogators else None
         if found is None:
             raise RuntimeError(f"no {self.form.form} interrogator on this worker")
         return found
@@ -133,18 +135,35 @@ class _InterrogatorJob(AlchemyJob):
 
 
 class CaptionJob(_InterrogatorJob):
+    serves_from = "caption"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
         return interrogator.caption(image, self.payload)
 
 
 class InterrogationJob(_InterrogatorJob):
+    serves_from = "interrogation"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
         return interrogator.interrogate(image, self.payload)
 
 
 class NsfwJob(_InterrogatorJob):
+    """The horde's NSFW verdict (the safety pass, on the CLIP embedding the other forms share)."""
+
+    serves_from = "safety"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
-        return {"nsfw": interrogator.is_nsfw([image])[0]}
+        return {"nsfw": bool(interrogator.is_nsfw(image))}
+
+
+class AestheticJob(_InterrogatorJob):
+    """The LAION aesthetic predictor's score of the source, 4 decimals (as the current peers submit it)."""
+
+    serves_from = "safety"
+
+    def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
+        return {"aesthetic": round(float(interrogator.aesthetic_score(image)), 4)}
 
 
 class PostProcessJob(AlchemyJob):
@@ -179,6 +198,7 @@ FORM_JOBS: dict[str, type[AlchemyJob]] = {
     "caption": CaptionJob,
     "interrogation": InterrogationJob,
     "nsfw": NsfwJob,
+    "aesthetic": AestheticJob,
 }
 
 

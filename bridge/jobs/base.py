@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
     from bridge.runtime import Runtime
 
-TERMINAL_STATES = ("ok", "censored", "faulted")
+TERMINAL_STATES = ("ok", "censored", "csam", "faulted")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class JobTimings:
     model_load: float = 0.0
     inference: float = 0.0
     post_processing: float = 0.0
+    safety: float = 0.0  # the safety pass over generated images (after the run slot is released)
     upload: float = 0.0
     submit: float = 0.0
 
@@ -82,6 +84,13 @@ class Job(abc.ABC):
     def execute(self, runtime: Runtime) -> list[Submission]:
         """Compute stage. Returns exactly one Submission per id in `ids`. May raise: the loop turns an
         exception into `fault(...)`."""
+
+    def execute_in_slot(self, runtime: Runtime, slot: AbstractContextManager[object]) -> list[Submission]:
+        """The compute stage under one of the loop's run slots: `slot` is entered here. The default holds
+        it for all of `execute`; a job whose last step needs no slot (the safety pass of a generation)
+        leaves it first, so that the next job starts while that step runs."""
+        with slot:
+            return self.execute(runtime)
 
     @abc.abstractmethod
     def fault(self, reason: str) -> list[Submission]:

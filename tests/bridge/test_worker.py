@@ -50,9 +50,15 @@ def test_weights_land_where_the_processors_and_interrogators_read_them(tmp_path)
     plan = plan_worker(config, has_gpu=False, reference=reference)
     assert plan.dreamer and plan.alchemist and plan.models == ["Deliberate"]
     records = {r.name: r for r in weight_records(config, plan)}
-    assert {"Deliberate", "stable-diffusion-safety-checker", "blip-image-captioning-large",
-            "clip-vit-large-patch14", "RealESRGAN_x2plus", "strip_background", "CodeFormers",
-            "GFPGAN"} <= set(records)
+    assert {"Deliberate", "blip-image-captioning-large", "clip-vit-large-patch14", "RealESRGAN_x2plus",
+            "strip_background", "CodeFormers", "GFPGAN", "deepdanbooru-resnet-custom-v3",
+            "laion-aesthetic-predictor-l14"} <= set(records)
+    # Stable Diffusion's own checker is the operator's opt-in second opinion only.
+    assert "stable-diffusion-safety-checker" not in records
+    strict = config.model_copy(update={"sd_safety_checker": True, "send_aesthetic_score": False})
+    strict_names = {r.name for r in weight_records(strict, plan)}
+    assert "stable-diffusion-safety-checker" in strict_names
+    assert "laion-aesthetic-predictor-l14" not in strict_names  # no score sent, no alchemy aesthetic form
     placed = {model_dir(tmp_path, r) / f.path for r in records.values() for f in r.files}
     for path in placed:  # as if every download had finished
         path.parent.mkdir(parents=True, exist_ok=True)
