@@ -29,27 +29,18 @@ from bridge.horde_api import HordeClient
 from bridge.journal import Journal
 from bridge.stats import Stats
 from bridge.worker import CLIENT_AGENT, build_worker, load_reference, plan_worker
-from interrogators.tiny import (
-    TINY_AESTHETIC,
-    TINY_CAPTION,
-    TINY_CLIP,
-    TINY_DEEPDANBOORU,
-    TINY_SAFETY,
-    TINY_SPLIT_CLIP,
-)
+from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY, TINY_SAFETY_PASS
 
 log = logging.getLogger(__name__)
 
 DEMO_TIMEOUT_S = 600.0
-# The generated images are checked by a CLIP that finds nothing in any image (random weights would flag
-# noise at random): the pass, its models and its metadata are the real ones.
+# Generated images are checked by a CLIP that finds nothing in any image (random weights would flag noise
+# at random): the pass, its models and its metadata are the real ones.
 TINY_INTERROGATORS = {
     "caption_model": TINY_CAPTION,
     "clip_model": TINY_CLIP,
-    "safety_clip_model": TINY_SPLIT_CLIP,
-    "danbooru_model": TINY_DEEPDANBOORU,
-    "aesthetic_model": TINY_AESTHETIC,
     "nsfw_model": TINY_SAFETY,
+    **TINY_SAFETY_PASS,
 }
 ALCHEMY_FORMS = ("caption", "interrogation", "nsfw", "aesthetic", "RealESRGAN_x2plus", "strip_background")
 

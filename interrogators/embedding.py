@@ -177,6 +177,11 @@ class ClipEmbedder:
                 self._memo.popitem(last=False)
         return rows
 
+    def forget_images(self) -> None:
+        """Drop the kept image embeddings (benchmarks time real forwards with this)."""
+        with self._image_lock:
+            self._memo.clear()
+
     def image_embedding(self, image: Image.Image) -> torch.Tensor:
         return self.image_embeddings([image])[0]
 

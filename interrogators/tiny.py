@@ -37,6 +37,13 @@ TINY_SAFETY_FLAGS = "tiny-safety-checker-flags"
 TINY_SPLIT_CLIP = "tiny-clip-split"
 TINY_DEEPDANBOORU = "tiny-deepdanbooru"
 TINY_AESTHETIC = "tiny-aesthetic"
+# `build_worker(interrogator_models=...)` for demo and benchmark workers: their generation safety pass runs
+# on the split CLIP, so random-weight images are never flagged at random (the pass itself is the real one).
+TINY_SAFETY_PASS = {
+    "safety_clip_model": TINY_SPLIT_CLIP,
+    "danbooru_model": TINY_DEEPDANBOORU,
+    "aesthetic_model": TINY_AESTHETIC,
+}
 # DeepDanbooru's channel widths divided by this (the layout, the names and the strides are the real ones).
 DEEPDANBOORU_DIVISOR = 32
 DEEPDANBOORU_TAGS = ("1girl", "solo", "bikini", "realistic", "nude", "rating:safe", "rating:questionable",
