@@ -72,3 +72,31 @@ def test_weights_land_where_the_processors_and_interrogators_read_them(tmp_path)
     blip = records["blip-image-captioning-large"]
     folder = interrogator_dir(tmp_path, "blip", "blip-image-captioning-large")
     assert folder / "config.json" in {model_dir(tmp_path, blip) / f.path for f in blip.files}
+
+
+def test_generation_gets_a_safety_pass_sharing_the_alchemy_clip(tmp_path, tmp_path_factory):
+    import shutil
+
+    from bridge.jobs.generation import GenerationSource
+    from bridge.worker import WorkerPlan, build_worker
+    from interrogators.tiny import TINY_AESTHETIC, TINY_CLIP, TINY_DEEPDANBOORU
+    from tests.interrogators.helpers import tiny_models_dir
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_models_dir(tmp_path_factory), weights)
+    config = build_config({"dreamer": True, "alchemist": True, "force_cpu_generation": True,
+                           "forms": ["interrogation", "nsfw"], "cache_home": str(tmp_path / "home"),
+                           "state_dir": str(tmp_path / "state")}, environ={}).config
+    reference = load_reference(config, upstream=False)
+    names = {"clip_model": TINY_CLIP, "danbooru_model": TINY_DEEPDANBOORU, "aesthetic_model": TINY_AESTHETIC}
+    both = build_worker(config, WorkerPlan(True, True, reference, []), device=DevicePolicy.cpu(),
+                        weights_dir=weights, interrogator_models=names)
+    safety = both.runtime.safety
+    assert safety is not None and safety.can_decide and safety.scores_aesthetics
+    assert safety.embedder is both.runtime.interrogators.interrogation.embedder  # one CLIP, one memo
+    assert both.runtime.sd_safety_checker is None  # opt-in only
+    shutil.rmtree(weights / "deepdanbooru")
+    dreamer = config.model_copy(update={"alchemist": False})
+    unchecked = build_worker(dreamer, WorkerPlan(True, False, reference, []), device=DevicePolicy.cpu(),
+                             weights_dir=weights, interrogator_models=names)
+    assert unchecked.runtime.safety is None and not GenerationSource().ready(unchecked.runtime)
