@@ -2,11 +2,13 @@
 
     flock /tmp/heavy.lock .venv/bin/python -m bench.alchemy [--repeats 4] [--threads N] [--cache-dir DIR]
 
-Builds BLIP-large, CLIP ViT-L/14 and the SD safety checker from their published configs with random weights
-(once; cached under <cache-dir>/alchemy/models in the layout `build_interrogators` reads, under the real
-names), then measures for each form (caption, interrogation, nsfw):
+Builds BLIP-large, CLIP ViT-L/14 and DeepDanbooru from their published shapes with random weights (once;
+cached under <cache-dir>/alchemy/models in the layout `build_interrogators` reads), then measures for each
+form (caption, interrogation, nsfw; nsfw is the safety pass on the interrogation form's CLIP, its concept
+table placed so that the image takes the common photo branch, as bench/safety explains):
   * the form as a job runs it (preprocessing, model, result) against its bare forward passes on the same
-    preprocessed tensor: the overhead of our code. Target: form <= 1.15x bare.
+    preprocessed tensor: the overhead of our code. Target: form <= 1.15x bare. The shared CLIP keeps recent
+    image embeddings; it is told to forget them before each timed form, so every run pays its forward.
   * forms per minute.
   * interrogation with the term embeddings cached versus recomputing them. Target: >= 20x faster.
 Tokenizers are hand-built (no hub): BERT gets a 30524-token vocab; CLIP a BPE whose merges spell the term
@@ -38,8 +40,7 @@ from interrogators.reference import (
     CAPTION_LARGE,
     CLIP_KIND,
     CLIP_L14,
-    SAFETY_CHECKER,
-    SAFETY_KIND,
+    DEEPDANBOORU_KIND,
     model_dir,
 )
 from interrogators.terms import load_terms
@@ -50,6 +51,7 @@ from models.tiny import bytes_to_unicode
 logger = logging.getLogger("bench.alchemy")
 
 RECIPE = "1"
+BENCH_DANBOORU = "bench-deepdanbooru-random"
 FORM_TARGET = 1.15
 CACHE_SPEEDUP_TARGET = 20.0
 CLIP_VOCAB = 49408
@@ -165,21 +167,18 @@ def build_blip_large(folder: Path) -> None:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
-def build_safety_checker(folder: Path) -> None:
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
+def build_deepdanbooru(folder: Path) -> None:
+    from bench.safety import build_danbooru
 
-    StableDiffusionSafetyChecker(
-        CLIPConfig(vision_config=VIT_L14, projection_dim=768)
-    ).eval().save_pretrained(folder)
-    _clip_processor(224).save_pretrained(folder)
+    build_danbooru(folder / "model-resnet_custom_v3.pt")
 
 
 def build_models(models_dir: Path) -> None:
     for kind, name, build in (
         (CAPTION_KIND, CAPTION_LARGE, build_blip_large),
         (CLIP_KIND, CLIP_L14, build_clip),
-        (SAFETY_KIND, SAFETY_CHECKER, build_safety_checker),
+        # Not the reference's name: random weights do not have the published sha256.
+        (DEEPDANBOORU_KIND, BENCH_DANBOORU, build_deepdanbooru),
     ):
         folder = model_dir(models_dir, kind, name)
         marker = folder / ".recipe"
@@ -229,8 +228,6 @@ def bare_passes(found: InterrogatorSet, image: Image.Image) -> dict[str, Callabl
         blip_inputs = found.caption.inputs(blip, image)  # pixels plus the captioner's prompt
     with found.interrogation.loaded() as clip:
         clip_pixels = clip.processor(images=image, return_tensors="pt")["pixel_values"]
-    with found.nsfw.loaded() as safety:
-        safety_pixels = safety.processor(images=[image], return_tensors="pt")["pixel_values"]
 
     def caption() -> None:
         with found.caption.loaded() as b, torch.inference_mode():
@@ -240,11 +237,8 @@ def bare_passes(found: InterrogatorSet, image: Image.Image) -> dict[str, Callabl
         with found.interrogation.loaded() as b, torch.inference_mode():
             pooled(b.model.get_image_features(pixel_values=clip_pixels))
 
-    def nsfw() -> None:
-        with found.nsfw.loaded() as b, torch.inference_mode():
-            b.model.forward_onnx(safety_pixels, torch.zeros(1, 1))
-
-    bare.update(caption=caption, interrogation=interrogation, nsfw=nsfw)
+    # The nsfw form's model work is the same CLIP image forward (its decision and DeepDanbooru come after).
+    bare.update(caption=caption, interrogation=interrogation, nsfw=interrogation)
     return bare
 
 
@@ -289,10 +283,20 @@ def parse_args() -> argparse.Namespace:
 
 def measure_forms(found: InterrogatorSet, image: Image.Image, repeats: int) -> dict[str, tuple[float, float]]:
     """(bare seconds, form seconds) per form, printed as they come."""
+    clip = found.interrogation.embedder
+
+    def interrogation() -> None:
+        clip.forget_images()
+        found.interrogation.interrogate(image, None)
+
+    def nsfw() -> None:
+        clip.forget_images()
+        found.safety.is_nsfw(image)
+
     forms: dict[str, Callable[[], Any]] = {
         "caption": lambda: found.caption.caption(image, None),
-        "interrogation": lambda: found.interrogation.interrogate(image, None),
-        "nsfw": lambda: found.nsfw.is_nsfw([image]),
+        "interrogation": interrogation,
+        "nsfw": nsfw,
     }
     results: dict[str, tuple[float, float]] = {}
     for name, bare in bare_passes(found, image).items():
@@ -321,14 +325,18 @@ def main() -> None:
         cache=cache,
         device=device,
         forms=["caption", "interrogation", "nsfw"],
+        danbooru_model=BENCH_DANBOORU,
         embeddings_dir=embeddings_dir,
     )
     assert found.ready_forms() == ["caption", "interrogation", "nsfw"], found.ready_forms()
     found.warm()
-    loading = sum(getattr(found, f).load_seconds for f in found.ready_forms())
+    loading = found.caption.load_seconds + found.safety.load_seconds
     print(f"torch threads {torch.get_num_threads()}; models loaded in {loading:.1f}s")
 
     image = Image.effect_mandelbrot((512, 512), (-2.0, -1.3, 0.7, 1.3), 120).convert("RGB")
+    from bench.safety import place
+
+    place(found.safety, image, {})  # the photo branch (random weights would pick one by chance)
     results = measure_forms(found, image, args.repeats)
     figures = embedding_figures(found, embeddings_dir, cache)
     cached = results["interrogation"][1]

@@ -19,6 +19,7 @@ from bridge.journal import Journal
 from bridge.retry import RetryPolicy
 from bridge.stats import Stats
 from bridge.worker import build_worker, load_reference, plan_worker
+from interrogators.tiny import TINY_SAFETY_PASS, build_tiny_interrogators
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,8 @@ def worker_for(horde, reference: Path, *, queue_size: int = 1, max_threads: int 
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
                          retry=RetryPolicy(base_delay=0.05, max_delay=0.5))
     plan = plan_worker(config, has_gpu=False, reference=load_reference(config, [reference], upstream=False))
-    worker = build_worker(config, plan, weights_dir=CACHE / "tiny")
+    build_tiny_interrogators(CACHE / "tiny")  # the generation safety pass's models
+    worker = build_worker(config, plan, weights_dir=CACHE / "tiny", interrogator_models=TINY_SAFETY_PASS)
     return config, client, worker
 
 

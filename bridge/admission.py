@@ -273,13 +273,19 @@ class Admission:
         )  # fmt: skip
 
 
+# Alchemy form -> the InterrogatorSet attribute holding its model (nsfw and aesthetic share the safety pass).
+INTERROGATOR_HOLDERS = {"caption": "caption", "interrogation": "interrogation", "nsfw": "safety",
+                        "aesthetic": "safety"}  # fmt: skip
+
+
 def interrogator_sizes(interrogators: object, table: WorkingMemoryTable, dtype: torch.dtype
                        ) -> dict[str, tuple[int, int]]:  # fmt: skip
-    """form -> (weights, working memory) of the interrogators a worker has (caption, interrogation, nsfw)."""
+    """form -> (weights, working memory) of the interrogator forms a worker has (caption, interrogation, and
+    nsfw and aesthetic on the safety pass's CLIP)."""
     sizes: dict[str, tuple[int, int]] = {}
-    for form in ("caption", "interrogation", "nsfw"):
-        found = getattr(interrogators, form, None)
-        folder = getattr(found, "folder", None)
+    for form, holder in INTERROGATOR_HOLDERS.items():
+        found = getattr(interrogators, holder, None)
+        folder = getattr(found, "folder", None) or getattr(getattr(found, "embedder", None), "folder", None)
         if folder is not None:
             sizes[form] = (folder_weight_bytes(folder, dtype), table.interrogator_bytes(form))
     return sizes

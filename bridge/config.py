@@ -34,7 +34,7 @@ RECOGNISED_BRIDGE_NAMES = (
     "HordeAutoWebBridge",
 )
 KNOWN_FORMS = (
-    "caption", "interrogation", "nsfw",
+    "caption", "interrogation", "nsfw", "aesthetic",
     "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
     "4x_AnimeSharp", "CodeFormers", "strip_background",
 )  # fmt: skip
@@ -60,7 +60,7 @@ LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "ray_temp_dir": "no ray here",
     "disable_download_progress": "progress bars follow the terminal",
     "queue_size_type": "not used",
-    "safety_on_gpu": "the safety checker runs on the job's device",
+    "safety_on_gpu": "the safety pass runs on the GPU when it fits the VRAM budget, else on the CPU",
     "high_memory_mode": "memory use is governed by ram_to_leave_free / vram_to_leave_free",
     "very_high_memory_mode": "memory use is governed by ram_to_leave_free / vram_to_leave_free",
     "high_performance_mode": "not used",
@@ -150,6 +150,9 @@ class BridgeConfig(BaseModel):
     # legacy "80%": on a 16 GB machine that keeps no model loaded, so every job reloads its model from disk.
     ram_to_leave_free: str = "30%"
     vram_to_leave_free: str = "30%"
+    # Safety pass (every generated image is checked for CSAM/NSFW whatever the keys above say)
+    send_aesthetic_score: bool = True  # the aesthetic_score gen_metadata of each delivered image
+    sd_safety_checker: bool = False  # Stable Diffusion's checker as a second opinion on images to censor
     # Output
     disable_terminal_ui: bool = False
     stats_output_frequency: int = Field(30, ge=0)

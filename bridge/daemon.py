@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
@@ -237,20 +238,17 @@ class Daemon:
             settled = job.settled()
             if settled is not None:  # handed back unrun: no run slot needed
                 return self._one_per_id(job, settled)
-            placement = self._placement(job)
-            queued = time.monotonic()
-            with self._slots.run(job.family, placement, stop=lambda: self.cold):
-                job.timings.queue_wait = time.monotonic() - queued
-                if self.cold:
-                    return job.fault("the worker shut down before this job ran")
-                if job.expired():  # the horde has given it to someone else: don't spend the slot
-                    log.warning("%s: its ttl ran out while it waited for a run slot; not run", job.describe())
-                    return job.fault("the job's ttl ran out while it waited for a run slot")
-                started = time.monotonic()
-                submissions = job.execute(self.runtime)
-                job.timings.inference = time.monotonic() - started - job.timings.model_load \
-                    - job.timings.post_processing
+            held = self._slots.run(job.family, self._placement(job), stop=lambda: self.cold)
+            slot = _RunSlot(held, job, lambda: self.cold)
+            submissions = job.execute_in_slot(self.runtime, slot)
+            job.timings.inference = time.monotonic() - slot.entered - job.timings.model_load \
+                - job.timings.post_processing - job.timings.safety
             return self._one_per_id(job, submissions)
+        except _ShutDown:
+            return job.fault("the worker shut down before this job ran")
+        except _Expired:  # the horde has given it to someone else: don't spend the slot
+            log.warning("%s: its ttl ran out while it waited for a run slot; not run", job.describe())
+            return job.fault("the job's ttl ran out while it waited for a run slot")
         except Exception as err:  # any failure of a job is that job's fault, never the daemon's
             log.exception("%s failed: %s", job.describe(), err)
             return self._safe_fault(job, f"{type(err).__name__}: {err}"[:250])
@@ -437,6 +435,37 @@ class Daemon:
                         "horde's worker page or with remove_maintenance_on_init: true.", err)
             self._maintenance_warned = True
         self._wait(self.timings.maintenance_poll_s)
+
+
+class _ShutDown(Exception):
+    """A cold shutdown came while the job waited for its run slot."""
+
+
+class _Expired(Exception):
+    """The job's ttl ran out while it waited for its run slot."""
+
+
+class _RunSlot:
+    """A run slot on the job's device lane (`RunSlots.run`), entered by the job (`Job.execute_in_slot`) for
+    the steps that need it."""
+
+    def __init__(self, held: AbstractContextManager[bool], job: Job, cold: Callable[[], bool]) -> None:
+        self._held, self._job, self._cold = held, job, cold
+        self.entered = time.monotonic()
+
+    def __enter__(self) -> _RunSlot:
+        queued = time.monotonic()
+        self._held.__enter__()
+        self.entered = time.monotonic()
+        self._job.timings.queue_wait = self.entered - queued
+        for refused, error in ((self._cold(), _ShutDown), (self._job.expired(), _Expired)):
+            if refused:
+                self._held.__exit__(None, None, None)
+                raise error
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held.__exit__(*exc_info)
 
 
 def fault_orphan(client: HordeClient, job_id: str, family: str, reason: str) -> float:

@@ -29,12 +29,20 @@ from bridge.horde_api import HordeClient
 from bridge.journal import Journal
 from bridge.stats import Stats
 from bridge.worker import CLIENT_AGENT, build_worker, load_reference, plan_worker
-from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY
+from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY, TINY_SAFETY_PASS
 
 log = logging.getLogger(__name__)
 
 DEMO_TIMEOUT_S = 600.0
-TINY_INTERROGATORS = {"caption_model": TINY_CAPTION, "clip_model": TINY_CLIP, "nsfw_model": TINY_SAFETY}
+# Generated images are checked by a CLIP that finds nothing in any image (random weights would flag noise
+# at random): the pass, its models and its metadata are the real ones.
+TINY_INTERROGATORS = {
+    "caption_model": TINY_CAPTION,
+    "clip_model": TINY_CLIP,
+    "nsfw_model": TINY_SAFETY,
+    **TINY_SAFETY_PASS,
+}
+ALCHEMY_FORMS = ("caption", "interrogation", "nsfw", "aesthetic", "RealESRGAN_x2plus", "strip_background")
 
 
 @dataclass
@@ -77,7 +85,7 @@ def build_demo_models(tiny_dir: Path) -> tuple[list[Path], list[str]]:
 
 def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list[str]) -> BridgeConfig:
     """The operator's settings, pointed at the local horde, serving both job families."""
-    forms = ["caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background"]
+    forms = list(ALCHEMY_FORMS)
     return config.model_copy(update={
         "horde_url": horde_url, "api_key": api_key, "models_to_load": models, "models_to_skip": [],
         "dreamer": True, "alchemist": True, "force_cpu_generation": True, "forms": forms,
@@ -114,7 +122,7 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]
     url = horde.host_image(source, "demo-source.webp")
-    for form in ("caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background"):
+    for form in ALCHEMY_FORMS:
         requests.append(DemoRequest(form, "alchemy", horde.request_interrogation(url, [form])))
     return requests
 

@@ -21,7 +21,8 @@ class Runtime:
     models: Any = None  # models.manager.ModelManager
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
-    safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    safety: Any = None  # interrogators.safety.SafetyPass: checks every generated image (CSAM/NSFW, aesthetic)
+    sd_safety_checker: Any = None  # interrogators.nsfw.NsfwChecker, the optional second opinion
     controlnets: Any = None  # controlnet.ControlNets: None unless allow_controlnet
     cache: Any = None  # models.cache.ModelCache of every family: its budgets say what runs side by side
     # What this machine can hold (models, max_pixels, forms); None: no admission control (tests, tools).

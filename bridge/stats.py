@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 STAGES = (
     "pop_wait", "queue_wait", "source_download", "model_load", "inference", "post_processing",
-    "upload", "submit",
+    "safety", "upload", "submit",
 )
 
 

@@ -118,19 +118,24 @@ def on_disk(config: BridgeConfig, reference, names: Sequence[str]) -> tuple[list
 
 def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
     """Reference records of everything the plan runs on: checkpoints, post-processors, interrogators."""
-    from interrogators.reference import CAPTION_LARGE, CLIP_L14, SAFETY_CHECKER
+    from interrogators.reference import AESTHETIC, CAPTION_LARGE, CLIP_L14, DEEPDANBOORU, SAFETY_CHECKER
     from postprocessors import ORDER as POSTPROCESSORS
 
     wanted = list(plan.models)
     if plan.dreamer:
-        wanted.append(config.nsfw_model or SAFETY_CHECKER)  # censoring
+        wanted += [config.clip_model or CLIP_L14, DEEPDANBOORU]  # the safety pass over every generated image
+        if config.send_aesthetic_score:
+            wanted.append(AESTHETIC)
+        if config.sd_safety_checker:
+            wanted.append(config.nsfw_model or SAFETY_CHECKER)
         if config.allow_post_processing:
             wanted += list(POSTPROCESSORS)
     if plan.alchemist:
-        by_form = {"caption": config.caption_model or CAPTION_LARGE,
-                   "interrogation": config.clip_model or CLIP_L14,
-                   "nsfw": config.nsfw_model or SAFETY_CHECKER}
-        wanted += [by_form.get(form, form) for form in config.forms]
+        clip = config.clip_model or CLIP_L14
+        by_form = {"caption": [config.caption_model or CAPTION_LARGE], "interrogation": [clip],
+                   "nsfw": [clip, DEEPDANBOORU], "aesthetic": [clip, AESTHETIC]}  # fmt: skip
+        for form in config.forms:
+            wanted += by_form.get(form, [form])
     if "CodeFormers" in wanted:
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
     records = []
@@ -184,7 +189,8 @@ def build_worker(
 ) -> Worker:
     """The runtime and sources. `weights_dir` (default cache_home) holds post-processor and interrogator
     weights; `interrogator_models` names other interrogator models than the defaults (caption_model,
-    clip_model, nsfw_model)."""
+    clip_model, danbooru_model, aesthetic_model; safety_clip_model for the generation safety pass when it
+    is not clip_model; nsfw_model for the SD safety checker)."""
     from bridge.admission import Admission
     from models.cache import ModelCache
     from models.device import DevicePolicy
@@ -200,6 +206,9 @@ def build_worker(
     names = {key: value for key in ("caption_model", "clip_model", "nsfw_model")
              if (value := getattr(config, key)) is not None}
     names.update(interrogator_models or {})
+    safety_names = {"clip_model": names.pop("safety_clip_model", names.get("clip_model")),
+                    "danbooru_model": names.get("danbooru_model"),
+                    "sd_checker": names.pop("nsfw_model", None)}  # fmt: skip
     runtime = Runtime(config=config, device=device,
                       fetcher=SourceFetcher(allow_private=config.allow_private_sources))
     runtime.cache = cache
@@ -207,23 +216,6 @@ def build_worker(
     table = WorkingMemoryTable(device, Path(config.cache_home) / TABLE_FILE)
     runtime.admission = Admission(cache=cache, device=device, table=table)
     sources: list[JobSource] = []
-    if plan.dreamer:
-        from bridge.jobs.generation import GenerationSource
-        from interrogators import NSFW_FORM, build_interrogators
-        from models.manager import ModelManager
-
-        _quiet_diffusers()
-        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
-                                      cache_home=Path(config.cache_home), models=plan.models)
-        runtime.admission.models = runtime.models
-        runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
-                                             forms=[NSFW_FORM], **names).nsfw
-        if config.allow_controlnet:
-            from controlnet import ControlNets
-
-            runtime.controlnets = ControlNets(reference=plan.reference, cache=cache, device=device,
-                                              cache_home=Path(config.cache_home))
-        sources.append(GenerationSource())
     if plan.alchemist:
         from bridge.jobs.alchemy import FORM_TTL, AlchemySource
         from bridge.jobs.tiles import TileBudget, calibrate
@@ -234,6 +226,22 @@ def build_worker(
         # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
         # first pop, not inside a form's 3-minute ttl.
         warm_interrogators(runtime.interrogators, runtime.admission)
+    if plan.dreamer:
+        from bridge.jobs.generation import GenerationSource
+        from models.manager import ModelManager
+
+        _quiet_diffusers()
+        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
+                                      cache_home=Path(config.cache_home), models=plan.models)
+        runtime.admission.models = runtime.models
+        _build_generation_safety(runtime, weights, cache, names.get("aesthetic_model"), **safety_names)
+        if config.allow_controlnet:
+            from controlnet import ControlNets
+
+            runtime.controlnets = ControlNets(reference=plan.reference, cache=cache, device=device,
+                                              cache_home=Path(config.cache_home))
+        sources.append(GenerationSource())
+    if plan.alchemist:
         tiles = TileBudget(ttl=FORM_TTL, queue_size=config.queue_size, max_threads=config.max_threads)
         calibrate(tiles, runtime.postprocessors, config.forms)
         sources.append(AlchemySource(tiles=tiles))
@@ -242,24 +250,30 @@ def build_worker(
 
 def warm_interrogators(interrogators, admission) -> None:
     """Load each interrogator once (and embed the term lists). One whose model this machine cannot hold
-    (by its files' size, or failing to load) is dropped from the set, so its form is never offered; the
+    (by its files' size, or failing to load) is dropped from the set, so its forms are never offered; the
     others are served."""
-    from bridge.admission import MEMORY_ERRORS, free_device_memory, interrogator_sizes
+    from bridge.admission import INTERROGATOR_HOLDERS, MEMORY_ERRORS, free_device_memory, interrogator_sizes
 
     sizes = interrogator_sizes(interrogators, admission.table, admission.device.dtype)
-    for form in interrogators.ready_forms():
+    ready = interrogators.ready_forms()
+    for holder in dict.fromkeys(INTERROGATOR_HOLDERS.values()):
+        forms = [form for form in ready if INTERROGATOR_HOLDERS[form] == holder]
+        if not forms:
+            continue
         failed = None
-        if form in sizes and not admission.form_fits(form, *sizes[form]):
-            failed = f"{sizes[form][0] / 1024**3:.1f} GiB of weights, {admission.where} too small"
+        measured = [form for form in forms if form in sizes]
+        if measured and not admission.form_fits(measured[0], *sizes[measured[0]]):
+            failed = f"{sizes[measured[0]][0] / 1024**3:.1f} GiB of weights, {admission.where} too small"
         else:
             try:
-                getattr(interrogators, form).warm()
+                getattr(interrogators, holder).warm()
             except MEMORY_ERRORS as exc:
                 failed = f"{type(exc).__name__}: {exc}"
         if failed:
             free_device_memory(admission.device)
-            log.error("the %s form's model does not fit this machine (%s): not serving it", form, failed)
-            setattr(interrogators, form, None)
+            log.error("the model of the %s form(s) does not fit this machine (%s): not serving it",
+                      ", ".join(forms), failed)
+            setattr(interrogators, holder, None)
 
 
 def log_memory(config: BridgeConfig, cache) -> None:
@@ -276,6 +290,42 @@ def log_memory(config: BridgeConfig, cache) -> None:
         log.info("memory: %.1f GiB GPU, %.1f GiB free; models stay on it between jobs up to %.1f GiB "
                  "(vram_to_leave_free %s); a job may use up to %.1f GiB", total / gib, free / gib,
                  cache.budget(Tier.VRAM) / gib, config.vram_to_leave_free, cache.capacity(Tier.VRAM) / gib)
+
+
+def _build_generation_safety(
+    runtime: Runtime, weights: Path, cache, aesthetic_model: str | None, *,
+    clip_model: str | None, danbooru_model: str | None, sd_checker: str | None,
+) -> None:  # fmt: skip
+    """The safety pass every generated image goes through (sharing the alchemy forms' CLIP when it is the
+    same model), warmed now: without it the worker pops no generation (GenerationSource.ready)."""
+    from interrogators import build_safety, build_sd_safety_checker
+    from interrogators.reference import AESTHETIC, CLIP_L14, DEEPDANBOORU, SAFETY_CHECKER
+
+    config, clip_model = runtime.config, clip_model or CLIP_L14
+    embedder = _shared_embedder(runtime.interrogators, clip_model)
+    aesthetic = (aesthetic_model or AESTHETIC) if config.send_aesthetic_score else None
+    safety = build_safety(models_dir=weights, cache=cache, clip_model=clip_model, embedder=embedder,
+                          danbooru_model=danbooru_model or DEEPDANBOORU, aesthetic_model=aesthetic)
+    try:
+        if safety is not None and safety.can_decide:
+            safety.warm()  # loads, and embeds the concept lists once (cached on disk for the next start)
+            runtime.safety = safety
+    except Exception as err:  # a corrupt or mismatched file: say so, serve no generation
+        log.error("the safety pass could not start: %s", err)
+    if runtime.safety is None:
+        log.error("no safety pass (CLIP %s and DeepDanbooru are needed): image generation is off", clip_model)
+    if config.sd_safety_checker:
+        runtime.sd_safety_checker = build_sd_safety_checker(
+            models_dir=weights, cache=cache, device=runtime.device, name=sd_checker or SAFETY_CHECKER)
+
+
+def _shared_embedder(interrogators, clip_model: str):
+    """The alchemy forms' CLIP, when the generation pass reads the same model (one copy, one memo)."""
+    for user in (getattr(interrogators, "interrogation", None), getattr(interrogators, "safety", None)):
+        embedder = getattr(user, "embedder", None)
+        if embedder is not None and embedder.folder.name == clip_model.replace("/", "-"):
+            return embedder
+    return None
 
 
 def cpu_torch_threads(cores: int, max_threads: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,3 +75,18 @@ def pooled(output: Any) -> torch.Tensor:
     """transformers 5 returns an output object from get_*_features (projected features in pooler_output);
     older versions returned the tensor itself."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class WeightsMismatch(ValueError):
+    """A weights file whose sha256 differs from the reference's."""
+
+
+def require_sha256(path: Path, sha256: str | None) -> None:
+    """Refuse a weights file that is not the reference's (before unpickling it). The downloader's sidecar
+    makes this a stat, not a re-hash, for a file it verified."""
+    if sha256 is None:
+        return
+    from models.downloads import verify_file
+
+    if not verify_file(path, sha256):
+        raise WeightsMismatch(f"{path} does not have the sha256 {sha256} of the reference")

@@ -12,7 +12,10 @@ horde entry each replaces. Each file's path is
 public records establish (the safety checker's `pytorch_model.bin`, as the horde's own reference lists it;
 CLIP's `model.safetensors`, its LFS object id); the downloader verifies those and fetches a mismatching file
 again, and reuses a Hugging Face hub cache holding the pinned revision (models.downloads.hf_cached_file).
-BLIP's weights and the small JSON/text files carry none yet: their pinned URLs are immutable.
+BLIP's weights carry none: the downloader checks them against the sha256 the hub publishes for the pinned
+revision (X-Linked-Etag); the small JSON/text files are pinned by the revision only. The safety pass's own
+two single-file models (DeepDanbooru, the aesthetic predictor) carry their published sha256, checked again
+before each load.
 
 Nothing here touches the network: files are fetched by the model manager's downloader, never at run time.
 """
@@ -30,11 +33,15 @@ CAPTION_LARGE = "blip-image-captioning-large"
 CAPTION_BASE = "blip-image-captioning-base"
 CLIP_L14 = "clip-vit-large-patch14"
 SAFETY_CHECKER = "stable-diffusion-safety-checker"
+DEEPDANBOORU = "deepdanbooru-resnet-custom-v3"
+AESTHETIC = "laion-aesthetic-predictor-l14"
 
 # The reference category (and cache_home sub-folder) of each kind of interrogation model.
 CAPTION_KIND = "blip"
 CLIP_KIND = "clip"
 SAFETY_KIND = "safety_checker"
+DEEPDANBOORU_KIND = "deepdanbooru"
+AESTHETIC_KIND = "aesthetic"
 
 
 @cache
@@ -46,6 +53,13 @@ def reference_records() -> dict[str, dict[str, Any]]:
 def model_dir(models_dir: Path, kind: str, name: str) -> Path:
     """The folder of one model: `<models_dir>/<kind>/<name>` (`/` in a name becomes `-`)."""
     return Path(models_dir) / kind / name.replace("/", "-")
+
+
+def reference_sha256(name: str) -> str | None:
+    """The sha256 the shipped reference gives for the (single) weights file of `name`, if any."""
+    record = reference_records().get(name) or {}
+    hashes = [f.get("sha256sum") for f in record.get("config", {}).get("files", []) if f.get("sha256sum")]
+    return str(hashes[0]).lower() if len(hashes) == 1 else None
 
 
 def is_complete(folder: Path) -> bool:

@@ -31,6 +31,27 @@ TINY_CAPTION = "tiny-blip"
 TINY_CLIP = "tiny-clip"
 TINY_SAFETY = "tiny-safety-checker"
 TINY_SAFETY_FLAGS = "tiny-safety-checker-flags"
+# A CLIP that embeds every image to one vector, in the first half of its projection, and every text in the
+# second half: every similarity is 0, so the safety pass finds nothing in any image, and a test places each
+# concept at the similarity it wants by writing the concept embeddings (tests/interrogators/safety_helpers).
+TINY_SPLIT_CLIP = "tiny-clip-split"
+TINY_DEEPDANBOORU = "tiny-deepdanbooru"
+TINY_AESTHETIC = "tiny-aesthetic"
+# `build_worker(interrogator_models=...)` for demo and benchmark workers: their generation safety pass runs
+# on the split CLIP, so random-weight images are never flagged at random (the pass itself is the real one).
+TINY_SAFETY_PASS = {
+    "safety_clip_model": TINY_SPLIT_CLIP,
+    "danbooru_model": TINY_DEEPDANBOORU,
+    "aesthetic_model": TINY_AESTHETIC,
+}
+# DeepDanbooru's channel widths divided by this (the layout, the names and the strides are the real ones).
+DEEPDANBOORU_DIVISOR = 32
+DEEPDANBOORU_TAGS = ("1girl", "solo", "bikini", "realistic", "nude", "rating:safe", "rating:questionable",
+                     "rating:explicit")  # fmt: skip
+# Classifier weight per tag: features are non-negative (after a ReLU), so a positive row drives the
+# probability towards 1, a negative one towards 0, and 0 gives 0.5. The default model rates everything safe.
+SAFE_LEANING = {"rating:safe": 1.0, "rating:questionable": -1.0, "rating:explicit": -1.0, "bikini": -1.0,
+                "realistic": -1.0}  # fmt: skip
 
 _BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 _WORDS = [
@@ -223,6 +244,93 @@ def _build_safety(folder: Path, *, flags: bool) -> None:
     _clip_image_processor().save_pretrained(folder)
 
 
+def _build_split_clip(folder: Path) -> None:
+    import torch
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab, merges, size, bos, eos = _write_clip_vocab(folder)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges))
+    torch.manual_seed(3)
+    model = CLIPModel(_clip_config(size, bos, eos)).eval()
+    half = HIDDEN // 2
+    with torch.no_grad():  # projection rows are output dimensions
+        model.visual_projection.weight[half:] = 0.0
+        model.text_projection.weight[:half] = 0.0
+        # The pooled image feature is the final layer norm's output: with no scale it is its bias, whatever
+        # the image.
+        model.vision_model.post_layernorm.weight.zero_()
+        model.vision_model.post_layernorm.bias.uniform_(0.5, 1.0)
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer).save_pretrained(folder)
+
+
+def deepdanbooru_shapes(divisor: int = 1, tag_count: int = 9176) -> dict[int, tuple[int, int, int]]:
+    """Conv number -> (out, in, kernel) of DeepDanbooru resnet_custom_v3, widths divided by `divisor`."""
+    from interrogators.deepdanbooru import CONV_COUNT, _layout
+
+    stem, widths = 64 // divisor, [w // divisor for w in (64, 128, 256, 256, 512, 1024)]
+    shapes = {0: (stem, 3, 7)}
+    channels, stage, blocks = stem, -1, _layout()
+    for block in blocks:
+        if block.projection is not None:
+            stage += 1
+            shapes[block.projection] = (4 * widths[stage], channels, 1)
+        width = widths[stage]
+        shapes[block.a] = (width, channels, 1)
+        shapes[block.b] = (width, width, 3)
+        shapes[block.c] = (4 * width, width, 1)
+        channels = 4 * width
+    shapes[CONV_COUNT - 1] = (tag_count, channels, 1)
+    return shapes
+
+
+def write_deepdanbooru(
+    path: Path,
+    leaning: dict[str, float] | None = None,
+    *,
+    divisor: int = DEEPDANBOORU_DIVISOR,
+    tags: tuple[str, ...] = DEEPDANBOORU_TAGS,
+    seed: int = 4,
+) -> Path:
+    """A random-weight DeepDanbooru file in the real layout (a dict of `n_Conv_*` tensors and `tags`).
+    `leaning`: tag -> sign of its classifier row (default: everything rated safe)."""
+    import torch
+
+    from interrogators.deepdanbooru import CONV_COUNT, DeepDanbooru
+
+    torch.manual_seed(seed)
+    model = DeepDanbooru(deepdanbooru_shapes(divisor, len(tags)), list(tags))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):  # He init keeps activations alive through 60 blocks
+            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            torch.nn.init.normal_(module.weight, std=(2.0 / fan_in) ** 0.5)
+            if module.bias is not None:
+                torch.nn.init.constant_(module.bias, 0.01)
+    classifier = model.conv(CONV_COUNT - 1)
+    with torch.no_grad():
+        classifier.weight.zero_()
+        for tag, weight in (SAFE_LEANING if leaning is None else leaning).items():
+            classifier.weight[tags.index(tag)] = 10.0 * weight
+    state: dict[str, Any] = dict(model.state_dict())
+    state["tags"] = list(tags)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def write_aesthetic(path: Path, input_width: int = HIDDEN, *, seed: int = 5) -> Path:
+    """A random-weight aesthetic predictor in the real layout (a state dict, `layers.0` ... `layers.7`)."""
+    import torch
+
+    from interrogators.aesthetic import AestheticHead
+
+    torch.manual_seed(seed)
+    head = AestheticHead(input_width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), path)
+    return path
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -252,13 +360,17 @@ def _record(name: str, kind: str, folder: Path) -> dict[str, Any]:
 
 
 def build_tiny_interrogators(dest: Path) -> dict[str, dict[str, Any]]:
-    """Build (once) tiny BLIP, CLIP and two safety checkers (one never flags, one always flags) under
-    `dest` in the layout `build_interrogators` reads, and return their reference records by name."""
+    """Build (once) tiny BLIP, CLIP, two SD safety checkers (one never flags, one always flags) and the
+    safety pass's models (a split CLIP, DeepDanbooru, the aesthetic predictor) under `dest` in the layout
+    `build_interrogators` reads, and return their reference records by name."""
     builders: list[tuple[str, str, Callable[[Path], None]]] = [
         (TINY_CAPTION, "blip", _build_blip),
         (TINY_CLIP, "clip", _build_clip),
         (TINY_SAFETY, "safety_checker", lambda f: _build_safety(f, flags=False)),
         (TINY_SAFETY_FLAGS, "safety_checker", lambda f: _build_safety(f, flags=True)),
+        (TINY_SPLIT_CLIP, "clip", _build_split_clip),
+        (TINY_DEEPDANBOORU, "deepdanbooru", lambda f: write_deepdanbooru(f / "model-resnet_custom_v3.pt")),
+        (TINY_AESTHETIC, "aesthetic", lambda f: write_aesthetic(f / "sac+logos+ava1-l14-linearMSE.pth")),
     ]
     records: dict[str, dict[str, Any]] = {}
     dest = Path(dest)

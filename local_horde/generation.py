@@ -382,6 +382,9 @@ class GenerationQueue:
         job.censored = any(
             m["type"] == "censorship" and m["value"] in ("nsfw", "csam") for m in job.gen_metadata
         )
+        # As the server: the censorship entry decides, a bare state "csam" records nothing.
+        if any(m["type"] == "censorship" and m["value"] == "csam" for m in job.gen_metadata):
+            self.reg.accounting.problem_jobs.append(job.id)
         job.state = "censored" if state in ("censored", "csam") else "ok"
         job.reward = round(rules.image_kudos(job.request.params, self.baselines.get(job.model)), 2)
         self._credit(job)

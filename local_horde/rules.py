@@ -212,7 +212,9 @@ def tiles(size: tuple[int, int] | None) -> int:
 
 
 def form_kudos(form: str, n_tiles: int) -> float:
-    if form in ("caption", "nsfw"):
+    """As the server's set_forms: 1 for every form (caption, nsfw, aesthetic...), 3 for interrogation,
+    3 per tile for post-processors."""
+    if form in ("caption", "nsfw", "aesthetic"):
         return 1.0
     if form == "interrogation":
         return 3.0

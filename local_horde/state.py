@@ -167,6 +167,9 @@ class Accounting:
     )  # (id, rc) for AbortedGen/DuplicateGen/InvalidJobID
     requeues: list[tuple[str, str]] = field(default_factory=list)  # (old id, "faulted" | "expired")
     rewards: dict[str, float] = field(default_factory=dict)  # id -> reward of its accepted submit
+    # Ids submitted with a {"type": "censorship", "value": "csam"} entry: the server records each as a
+    # problem job of its requester (and of their IP).
+    problem_jobs: list[str] = field(default_factory=list)
 
     def snapshot(self) -> Accounting:
         return copy.deepcopy(self)

@@ -183,6 +183,8 @@ class _Entry:
     # (tensor, its RAM copy) pairs: evicting from VRAM points the tensor back at its RAM copy.
     ram_copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     move_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Users running on the RAM copy (`use(if_room=True)` without VRAM room): no move while they run.
+    cpu_users: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,19 +226,33 @@ class ModelCache:
     # --- public API ----------------------------------------------------------------------------------
 
     @contextmanager
-    def use(self, key: str, loader: Callable[[], T], *, size_hint: int | None = None) -> Iterator[T]:
+    def use(
+        self, key: str, loader: Callable[[], T], *, size_hint: int | None = None, if_room: bool = False
+    ) -> Iterator[T]:
         """Load into RAM if absent (make_room first), move onto the execution device (make_room on VRAM),
         lock against eviction for the duration, yield the object *on the execution device*.
 
         `size_hint` (bytes, e.g. the checkpoint's size) reserves room before loading so that a load never
         pushes the cache past its budget while the model being replaced is still resident.
+
+        `if_room`: move onto the GPU only when the model is there already or fits the VRAM budget without
+        evicting anything; otherwise yield the RAM copy (the caller runs on the CPU). For side passes (the
+        safety check) that must never push the next generation's model out of VRAM.
         """
         entry = self._acquire(key, loader, size_hint)
+        on_cpu = False
         try:
             if self.device.has_vram:
-                self._to_device(entry)
+                if if_room:
+                    on_cpu = not self._to_device_if_room(entry)
+                else:
+                    self._to_device(entry)
             yield entry.obj
         finally:
+            if on_cpu:
+                with self._cond:
+                    entry.cpu_users -= 1
+                    self._cond.notify_all()
             self._release(entry)
 
     @contextmanager
@@ -513,6 +529,10 @@ class ModelCache:
         with entry.move_lock:
             if entry.on_device:
                 return
+            with self._cond:
+                # Moving swaps the tensors under a forward running on the RAM copy: wait for those to end.
+                if not self._cond.wait_for(lambda: entry.cpu_users == 0, timeout=self._wait_timeout):
+                    raise CacheFullError(f"{entry.key} stayed in use on the CPU; cannot move it to the GPU")
             try:
                 with self._cond:
                     evicted = self._make_room(entry.ram_bytes, Tier.VRAM, keep=frozenset({entry.key}))
@@ -520,14 +540,42 @@ class ModelCache:
                     self._hold(entry, Tier.VRAM, entry.ram_bytes)
                 if evicted:
                     _release_freed_memory()
-                if self.device.is_cuda:
-                    for tensor, ram_copy in entry.ram_copies:
-                        tensor.data = ram_copy.to(self.device.device, non_blocking=ram_copy.is_pinned())
-                    torch.cuda.current_stream(self.device.device).synchronize()
             except torch.OutOfMemoryError as exc:
                 self._on_device_oom(entry, exc)
-            with self._cond:
-                self._entries.move_to_end(entry.key)
+            self._copy_to_device(entry)
+
+    def _to_device_if_room(self, entry: _Entry) -> bool:
+        """Move a locked entry onto the device if it fits the soft budget without evicting; else count a CPU
+        user. True when the entry is on the device."""
+        with entry.move_lock:
+            if entry.on_device:
+                return True
+            try:
+                with self._cond:
+                    soft, _capacity = self._limits(Tier.VRAM)
+                    no_room = self._used(Tier.VRAM) + entry.ram_bytes > soft
+                    if no_room or entry.cpu_users:  # others run on the RAM copy: join them, do not move it
+                        entry.cpu_users += 1
+                        return False
+                    entry.on_device = True
+                    self._hold(entry, Tier.VRAM, entry.ram_bytes)
+            except torch.OutOfMemoryError as exc:
+                self._on_device_oom(entry, exc)
+            self._copy_to_device(entry)
+            return True
+
+    def _copy_to_device(self, entry: _Entry) -> None:
+        """The copy itself, from the pinned RAM copy (the caller holds entry.move_lock and has reserved the
+        VRAM); on an injected machine's simulated card the bookkeeping was all there is."""
+        try:
+            if self.device.is_cuda:
+                for tensor, ram_copy in entry.ram_copies:
+                    tensor.data = ram_copy.to(self.device.device, non_blocking=ram_copy.is_pinned())
+                torch.cuda.current_stream(self.device.device).synchronize()
+        except torch.OutOfMemoryError as exc:
+            self._on_device_oom(entry, exc)
+        with self._cond:
+            self._entries.move_to_end(entry.key)
 
     def _on_device_oom(self, entry: _Entry, exc: BaseException) -> None:
         with self._cond:

@@ -63,7 +63,8 @@ def default_coefficients() -> dict[str, FamilyCoefficients]:
 # Working memory of each post-processor kind at float32 (tile-bounded: see postprocessors/upscalers.py, whose
 # measured x4 tile of 256 px adds ~1.0 GB), plus the images they hold: input, output.
 POST_PROCESSOR_BYTES = {"upscaler": 1_200 * MIB, "face_fixer": 800 * MIB, "strip_background": 512 * MIB}
-INTERROGATOR_BYTES = {"caption": 768 * MIB, "interrogation": 384 * MIB, "nsfw": 256 * MIB}
+INTERROGATOR_BYTES = {"caption": 768 * MIB, "interrogation": 384 * MIB, "nsfw": 256 * MIB,
+                      "aesthetic": 256 * MIB}  # fmt: skip
 
 
 def family_of(baseline: str | None) -> str:

@@ -33,7 +33,6 @@ from diffusers import (
 )
 from PIL import Image
 
-from bridge.generation.censor import CENSORED_METADATA, censor_reason, censored_image, check
 from bridge.generation.masks import SourceImages, blank_canvas, fit_to, full_mask
 from bridge.generation.request import GenerationRequest
 from bridge.generation.substitutions import Substitution, information
@@ -59,11 +58,16 @@ VAE_TILING_PIXELS = 768 * 768
 
 @dataclass
 class GeneratedImage:
-    image: Image.Image
+    image: Image.Image  # what is submitted: post-processed, or a placeholder after the safety step
     seed: int
     index: int
-    state: str = "ok"  # "ok" | "censored"
+    state: str = "ok"  # "ok" | "censored" | "csam" (set by the safety step, bridge.generation.censor)
     metadata: list[dict[str, str]] = field(default_factory=list)
+    original: Image.Image | None = None  # as generated, before post-processing: what the safety pass reads
+
+    def __post_init__(self) -> None:
+        if self.original is None:
+            self.original = self.image
 
 
 @dataclass
@@ -85,8 +89,9 @@ def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
 
 
 def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImages) -> GenerationResult:
-    """1. generate every image, 2. hires-fix second pass, 3. censor, 4. post-process.
-    A ControlNet job does 1 and 2 in its own step (its control map, or the images that map guides)."""
+    """1. generate every image, 2. hires-fix second pass, 3. post-process. A ControlNet job does 1 and 2 in
+    its own step (its control map, or the images that map guides). The originals are kept for the safety
+    step (bridge.generation.censor), which the job runs before anything is submitted."""
     notes: list[Substitution] = []
     clock = Clock()
     started = time.perf_counter()
@@ -101,7 +106,6 @@ def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImag
             images = _hires_pass(runtime, request, images, clock)
     results = [GeneratedImage(image, request.seed_for(i), i) for i, image in enumerate(images)]
     inference_s = time.perf_counter() - started - clock.model_load_s
-    _censor(runtime, request, results)
     started = time.perf_counter()
     _post_process(runtime, request, results)
     post_s = time.perf_counter() - started
@@ -283,23 +287,9 @@ def _circular_padding(pipe: Any) -> list[tuple[torch.nn.Conv2d, str]]:
     return changed
 
 
-def _censor(runtime: Any, request: GenerationRequest, results: list[GeneratedImage]) -> None:
-    reason = censor_reason(
-        use_nsfw_censor=request.use_nsfw_censor, prompt=request.prompt, config=runtime.config
-    )
-    if reason is None:
-        return
-    flags = check([r.image for r in results], runtime.safety, reason)
-    for result, flagged in zip(results, flags, strict=True):
-        if flagged:
-            result.image = censored_image(*result.image.size)
-            result.state = "censored"
-            result.metadata.append(dict(CENSORED_METADATA))
-
-
 def _post_process(runtime: Any, request: GenerationRequest, results: list[GeneratedImage]) -> None:
-    """Post-processors in the asked order; unavailable ones are skipped and reported; censored images
-    are not post-processed (legacy worker)."""
+    """Post-processors in the asked order; unavailable ones are skipped and reported. The originals stay
+    in `GeneratedImage.original` for the safety step."""
     names = list(request.post_processing)
     if not names:
         return
@@ -310,7 +300,7 @@ def _post_process(runtime: Any, request: GenerationRequest, results: list[Genera
                if n not in available]  # fmt: skip
     for result in results:
         result.metadata.extend(skipped)
-        if result.state == "censored" or not usable:
+        if not usable:
             continue
         try:
             processed = registry.apply(result.image, usable, strength=request.facefixer_strength)

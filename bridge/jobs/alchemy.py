@@ -40,7 +40,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # Upscale forms of sources with more 512x512 tiles than this are not offered to us. A worker follows its
 # measured upscaling speed instead (bridge/jobs/tiles.py); this is the value before anything is measured.
 DEFAULT_MAX_TILES = 16
-INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw")
+INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw", "aesthetic")  # interrogators.INTERROGATOR_FORMS
 UPLOAD_BUDGET_S = 30.0  # an R2 PUT that has not worked within this long will not
 
 
@@ -169,10 +169,12 @@ def send_alchemy(
 
 
 class _InterrogatorJob(AlchemyJob):
-    """A form answered by one of runtime.interrogators (attribute named like the form)."""
+    """A form answered by one of runtime.interrogators (the member named by `serves_from`)."""
+
+    serves_from: ClassVar[str]
 
     def interrogator(self, runtime: Runtime) -> Any:
-        found = getattr(runtime.interrogators, self.form.form, None) if runtime.interrogators else None
+        found = getattr(runtime.interrogators, self.serves_from, None) if runtime.interrogators else None
         if found is None:
             raise RuntimeError(f"no {self.form.form} interrogator on this worker")
         return found
@@ -194,18 +196,35 @@ class _InterrogatorJob(AlchemyJob):
 
 
 class CaptionJob(_InterrogatorJob):
+    serves_from = "caption"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
         return interrogator.caption(image, self.payload)
 
 
 class InterrogationJob(_InterrogatorJob):
+    serves_from = "interrogation"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
         return interrogator.interrogate(image, self.payload)
 
 
 class NsfwJob(_InterrogatorJob):
+    """The horde's NSFW verdict (the safety pass, on the CLIP embedding the other forms share)."""
+
+    serves_from = "safety"
+
     def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
-        return {"nsfw": interrogator.is_nsfw([image])[0]}
+        return {"nsfw": bool(interrogator.is_nsfw(image))}
+
+
+class AestheticJob(_InterrogatorJob):
+    """The LAION aesthetic predictor's score of the source, 4 decimals (as the current peers submit it)."""
+
+    serves_from = "safety"
+
+    def compute(self, interrogator: Any, image: Image.Image) -> dict[str, Any]:
+        return {"aesthetic": round(float(interrogator.aesthetic_score(image)), 4)}
 
 
 class PostProcessJob(AlchemyJob):
@@ -252,6 +271,7 @@ FORM_JOBS: dict[str, type[AlchemyJob]] = {
     "caption": CaptionJob,
     "interrogation": InterrogationJob,
     "nsfw": NsfwJob,
+    "aesthetic": AestheticJob,
 }
 
 

@@ -13,6 +13,7 @@ import abc
 import base64
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
     from bridge.runtime import Runtime
 
-TERMINAL_STATES = ("ok", "censored", "faulted")
+TERMINAL_STATES = ("ok", "censored", "csam", "faulted")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class JobTimings:
     model_load: float = 0.0
     inference: float = 0.0
     post_processing: float = 0.0
+    safety: float = 0.0  # the safety pass over generated images (after the run slot is released)
     upload: float = 0.0
     submit: float = 0.0
     # What the job used beyond a plain run ("controlnet:canny", "image_is_control"...), counted in the stats.
@@ -169,6 +171,13 @@ class Job(abc.ABC):
     def execute(self, runtime: Runtime) -> list[Submission]:
         """Compute stage. Returns exactly one Submission per id in `ids`. May raise: the loop turns an
         exception into `fault(...)`."""
+
+    def execute_in_slot(self, runtime: Runtime, slot: AbstractContextManager[object]) -> list[Submission]:
+        """The compute stage under one of the loop's run slots: `slot` is entered here. The default holds
+        it for all of `execute`; a job whose last step needs no slot (the safety pass of a generation)
+        leaves it first, so that the next job starts while that step runs."""
+        with slot:
+            return self.execute(runtime)
 
     @abc.abstractmethod
     def fault(self, reason: str) -> list[Submission]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,9 +25,9 @@ from bridge.api_models import GenerationPopRequest, GenerationPopResponse, Gener
 from bridge.config import dreamer_name, max_pixels
 from bridge.errors import HordeError
 from bridge.families import GENERATION
-from bridge.generation.censor import CensorUnavailable
+from bridge.generation.censor import SafetyFailed, check_images
 from bridge.generation.masks import prepare_sources
-from bridge.generation.request import RequestFault, WorkerLimits, build_request
+from bridge.generation.request import GenerationRequest, RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, run_generation
 from bridge.generation.substitutions import Substitution, cap_metadata, information
 from bridge.images import encode_webp
@@ -44,6 +45,15 @@ UPLOAD_QUALITY = 95  # the legacy worker's quality for R2 uploads
 FAULTED_GENERATION = "faulted"
 # An R2 PUT that has not worked within this long gives way to a base64 submit (the ttl keeps the rest).
 UPLOAD_BUDGET_S = 30.0
+
+
+@dataclass
+class Generated:
+    """What the run slot produced: images not yet checked, never submitted as they are."""
+
+    request: GenerationRequest
+    result: GenerationResult
+    notes: list[Substitution]
 
 
 @dataclass
@@ -130,11 +140,22 @@ class GenerationJob(Job):
             return None
 
     def execute(self, runtime: Runtime) -> list[Submission]:
-        """0. settled without running, 1. model record, 2. sources, 3. request, 4. generate, 5. one
-        submission per id."""
+        """0. settled without running; 1-4 in the run slot (`_generate`), 5-6 after it
+        (`_check_and_submit`)."""
         settled = self.settled()
         if settled is not None:
             return settled
+        return self._check_and_submit(runtime, self._generate(runtime))
+
+    def execute_in_slot(self, runtime: Runtime, slot: AbstractContextManager[object]) -> list[Submission]:
+        """Generation holds the run slot; the safety pass runs after it is released, overlapping the next
+        job (on the CPU when the GPU has no room for it)."""
+        with slot:
+            generated = self._generate(runtime)
+        return self._check_and_submit(runtime, generated)
+
+    def _generate(self, runtime: Runtime) -> Generated | list[Submission]:
+        """1. model record, 2. sources, 3. request, 4. generate and post-process."""
         record = self._record(runtime)
         if record is None:
             return self.fault(f"model {self.pop.model!r} is not served by this worker")
@@ -156,7 +177,7 @@ class GenerationJob(Job):
             )
             with memory_guard(runtime, request):
                 result = run_generation(runtime, request, sources)
-        except (RequestFault, CensorUnavailable, MemoryFault) as exc:
+        except (RequestFault, MemoryFault) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))
         self.timings.model_load = result.model_load_s
@@ -165,7 +186,23 @@ class GenerationJob(Job):
         if result.control is not None:
             self.timings.features = list(result.control.features)
             logger.info("%s: %s", self.describe(), ", ".join(result.control.features))
-        return self._submissions(result, [*source_subs, *subs, *result.notes])
+        return Generated(request, result, [*source_subs, *subs, *result.notes])
+
+    def _check_and_submit(
+        self, runtime: Runtime, generated: Generated | list[Submission]
+    ) -> list[Submission]:
+        """5. the safety pass on every original image, 6. one submission per id."""
+        if not isinstance(generated, Generated):
+            return generated  # faulted before anything was generated
+        started = time.monotonic()
+        try:
+            check_images(runtime, generated.request, generated.result.images)
+        except SafetyFailed as exc:
+            logger.error("faulting %s: %s", self.describe(), exc)
+            return self.fault(str(exc))
+        finally:
+            self.timings.safety = time.monotonic() - started
+        return self._submissions(generated.result, generated.notes)
 
     def _record(self, runtime: Runtime) -> Any:
         name = self.pop.model
@@ -182,6 +219,8 @@ class GenerationJob(Job):
         submissions = []
         for job_id, generated in zip(self.ids, result.images, strict=True):
             metadata = [*shared, *generated.metadata]
+            # Censorship entries lead: were the list capped, the horde must still see them.
+            metadata.sort(key=lambda entry: entry["type"] != "censorship")
             if batched:
                 metadata.append({"type": "batch_index", "value": "see_ref", "ref": str(generated.index)})
             submissions.append(
@@ -253,7 +292,15 @@ class GenerationSource(JobSource):
     family: ClassVar[str] = GENERATION
 
     def ready(self, runtime: Runtime) -> bool:
-        return runtime.models is not None and bool(runtime.models.ready_models())
+        """Models ready, and the safety pass to check what they make: an image that cannot be checked is
+        never generated."""
+        safety = runtime.safety
+        return (
+            runtime.models is not None
+            and safety is not None
+            and safety.can_decide
+            and bool(runtime.models.ready_models())
+        )
 
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
         if capacity < 1 or not self.ready(runtime):

@@ -224,6 +224,52 @@ def test_cold_shutdown_faults_in_flight_jobs_back_once(horde, interrogators, tmp
     assert len(horde.submits(job_id)) == 1
 
 
+class TailSource(AlchemySource):
+    """The real alchemy source; each job's `execute_in_slot` keeps a last step outside its run slot that
+    waits on `release`, as a generation's safety pass does (test instrumentation only)."""
+
+    def __init__(self, release: threading.Event):
+        super().__init__()
+        self.release = release
+        self.in_slot: list[str] = []
+        self.in_tail: list[str] = []
+
+    def pop(self, client, runtime, capacity):
+        jobs = super().pop(client, runtime, capacity)
+        for job in jobs:
+
+            def in_slot(rt, slot, job=job):
+                with slot:
+                    self.in_slot.append(job.ids[0])
+                    submissions = job.execute(rt)
+                self.in_tail.append(job.ids[0])
+                self.release.wait(30)
+                return submissions
+
+            job.execute_in_slot = in_slot
+        return jobs
+
+
+def test_a_job_leaving_its_run_slot_early_lets_the_next_one_start(horde, interrogators, tmp_path):
+    url = horde.host_image(webp(), "tail.webp")
+    ids = [horde.request_interrogation(url, ["nsfw"]) for _ in range(2)]
+    release = threading.Event()
+    source = TailSource(release)
+    runtime = make_runtime(interrogators, max_threads=1, queue_size=1)
+    daemon, thread = start_daemon(horde, interrogators, tmp_path, source=source, runtime=runtime)
+    deadline = time.monotonic() + 30
+    while len(source.in_slot) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # One run slot, and the first job has not finished (its tail waits): the second ran in the slot anyway.
+    assert len(source.in_slot) == 2 and not release.is_set()
+    assert source.in_tail[0] == source.in_slot[0]
+    release.set()
+    statuses = horde.wait_done(ids, timeout=30)
+    stop(daemon, thread)
+    assert all(s["forms"][0]["state"] == "done" for s in statuses.values())
+    assert all(len(horde.submits(i)) == 1 for i in horde.accounting().handed_out)
+
+
 def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
     horde, interrogators, tmp_path, caplog
 ):
@@ -377,8 +423,8 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
 
 
 def tiny_models_dir_path(interrogators) -> Path:
-    """The folder the session's tiny interrogators were built in (their nsfw checker's model folder)."""
-    return Path(interrogators.nsfw.folder).parents[1]
+    """The folder the session's tiny interrogators were built in (their CLIP's model folder)."""
+    return Path(interrogators.safety.embedder.folder).parents[1]
 
 
 def test_a_job_whose_fault_path_is_broken_is_still_handed_back(horde, interrogators, tmp_path):

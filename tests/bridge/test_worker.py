@@ -62,9 +62,15 @@ def test_weights_land_where_the_processors_and_interrogators_read_them(tmp_path)
     plan = plan_worker(config, has_gpu=False, reference=reference)
     assert plan.dreamer and plan.alchemist and plan.models == ["Deliberate"]
     records = {r.name: r for r in weight_records(config, plan)}
-    assert {"Deliberate", "stable-diffusion-safety-checker", "blip-image-captioning-large",
-            "clip-vit-large-patch14", "RealESRGAN_x2plus", "strip_background", "CodeFormers",
-            "GFPGAN"} <= set(records)
+    assert {"Deliberate", "blip-image-captioning-large", "clip-vit-large-patch14", "RealESRGAN_x2plus",
+            "strip_background", "CodeFormers", "GFPGAN", "deepdanbooru-resnet-custom-v3",
+            "laion-aesthetic-predictor-l14"} <= set(records)
+    # Stable Diffusion's own checker is the operator's opt-in second opinion only.
+    assert "stable-diffusion-safety-checker" not in records
+    strict = config.model_copy(update={"sd_safety_checker": True, "send_aesthetic_score": False})
+    strict_names = {r.name for r in weight_records(strict, plan)}
+    assert "stable-diffusion-safety-checker" in strict_names
+    assert "laion-aesthetic-predictor-l14" not in strict_names  # no score sent, no alchemy aesthetic form
     placed = {model_dir(tmp_path, r) / f.path for r in records.values() for f in r.files}
     for path in placed:  # as if every download had finished
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,3 +232,31 @@ def test_alchemist_on_a_machine_too_small_for_its_models_offers_nothing_and_keep
         with HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="t:1:n") as client:
             assert source.pop(client, worker.runtime, 1) == []
         assert horde.worker_details("memory-test-alchemist") is None
+
+
+def test_generation_gets_a_safety_pass_sharing_the_alchemy_clip(tmp_path, tmp_path_factory):
+    import shutil
+
+    from bridge.jobs.generation import GenerationSource
+    from bridge.worker import WorkerPlan, build_worker
+    from interrogators.tiny import TINY_AESTHETIC, TINY_CLIP, TINY_DEEPDANBOORU
+    from tests.interrogators.helpers import tiny_models_dir
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_models_dir(tmp_path_factory), weights)
+    config = build_config({"dreamer": True, "alchemist": True, "force_cpu_generation": True,
+                           "forms": ["interrogation", "nsfw"], "cache_home": str(tmp_path / "home"),
+                           "state_dir": str(tmp_path / "state")}, environ={}).config
+    reference = load_reference(config, upstream=False)
+    names = {"clip_model": TINY_CLIP, "danbooru_model": TINY_DEEPDANBOORU, "aesthetic_model": TINY_AESTHETIC}
+    both = build_worker(config, WorkerPlan(True, True, reference, []), device=DevicePolicy.cpu(),
+                        weights_dir=weights, interrogator_models=names)
+    safety = both.runtime.safety
+    assert safety is not None and safety.can_decide and safety.scores_aesthetics
+    assert safety.embedder is both.runtime.interrogators.interrogation.embedder  # one CLIP, one memo
+    assert both.runtime.sd_safety_checker is None  # opt-in only
+    shutil.rmtree(weights / "deepdanbooru")
+    dreamer = config.model_copy(update={"alchemist": False})
+    unchecked = build_worker(dreamer, WorkerPlan(True, False, reference, []), device=DevicePolicy.cpu(),
+                             weights_dir=weights, interrogator_models=names)
+    assert unchecked.runtime.safety is None and not GenerationSource().ready(unchecked.runtime)

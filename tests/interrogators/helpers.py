@@ -11,11 +11,17 @@ import torch
 from PIL import Image
 
 from interrogators import InterrogatorSet, build_interrogators
-from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY, build_tiny_interrogators
+from interrogators.tiny import (
+    TINY_AESTHETIC,
+    TINY_CAPTION,
+    TINY_CLIP,
+    TINY_DEEPDANBOORU,
+    build_tiny_interrogators,
+)
 from models.cache import ModelCache
 from models.device import DevicePolicy
 
-ALL_FORMS = ("caption", "interrogation", "nsfw")
+ALL_FORMS = ("caption", "interrogation", "nsfw", "aesthetic")
 
 
 def one_torch_thread() -> Iterator[None]:
@@ -46,7 +52,7 @@ def tiny_set(
     cache: ModelCache,
     *,
     forms=ALL_FORMS,
-    nsfw_model=TINY_SAFETY,
+    clip_model: str = TINY_CLIP,
     embeddings_dir: Path | None = None,
     device: DevicePolicy | None = None,
     **kwargs,
@@ -57,8 +63,9 @@ def tiny_set(
         device=device or DevicePolicy.cpu(),
         forms=forms,
         caption_model=TINY_CAPTION,
-        clip_model=TINY_CLIP,
-        nsfw_model=nsfw_model,
+        clip_model=clip_model,
+        danbooru_model=TINY_DEEPDANBOORU,
+        aesthetic_model=TINY_AESTHETIC,
         embeddings_dir=embeddings_dir,
         **kwargs,
     )

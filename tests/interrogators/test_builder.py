@@ -10,7 +10,7 @@ import torch
 
 from interrogators import build_interrogators
 from interrogators.reference import CAPTION_KIND, model_dir
-from interrogators.tiny import TINY_CAPTION
+from interrogators.tiny import TINY_AESTHETIC, TINY_CAPTION, TINY_DEEPDANBOORU
 from models.cache import ModelCache
 from models.device import DevicePolicy
 from tests.interrogators.helpers import picture, tiny_set
@@ -20,32 +20,44 @@ def test_only_the_requested_forms_are_built(models_dir: Path, cache: ModelCache)
     only_nsfw = tiny_set(models_dir, cache, forms=["nsfw", "RealESRGAN_x4plus"])
     assert only_nsfw.ready_forms() == ["nsfw"]
     assert only_nsfw.caption is None and only_nsfw.interrogation is None
+    assert not only_nsfw.safety.scores_aesthetics  # the aesthetic form was not asked for
+    only_aesthetic = tiny_set(models_dir, cache, forms=["aesthetic"])
+    assert only_aesthetic.ready_forms() == ["aesthetic"]
     assert tiny_set(models_dir, cache, forms=[]).ready_forms() == []
+
+
+def test_one_clip_serves_interrogation_nsfw_and_aesthetic(models_dir: Path, cache: ModelCache) -> None:
+    built = tiny_set(models_dir, cache)
+    assert built.ready_forms() == ["caption", "interrogation", "nsfw", "aesthetic"]
+    assert built.interrogation.embedder is built.safety.embedder
 
 
 def test_nothing_loads_until_used(models_dir: Path, embeddings_dir: Path) -> None:
     cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=1 << 30)
     built = tiny_set(models_dir, cache, embeddings_dir=embeddings_dir)
     assert cache.resident() == []
-    built.nsfw.is_nsfw([picture()])
-    assert cache.resident() == [built.nsfw.key]
+    built.safety.aesthetic_score(picture())
+    head = models_dir / "aesthetic" / TINY_AESTHETIC / "sac+logos+ava1-l14-linearMSE.pth"
+    assert sorted(cache.resident()) == sorted([built.safety.embedder.key, f"interrogator:aesthetic:{head}"])
     built.warm()
-    assert sorted(cache.resident()) == sorted([built.caption.key, built.interrogation.key, built.nsfw.key])
-    assert built.caption.load_seconds > 0
+    assert len(cache.resident()) == 4  # + BLIP and DeepDanbooru; CLIP is one entry for three forms
+    assert built.caption.load_seconds > 0 and built.safety.load_seconds > 0
 
 
-def test_a_missing_model_folder_drops_its_form(models_dir: Path, cache: ModelCache, tmp_path: Path) -> None:
+def test_a_missing_model_drops_its_form(models_dir: Path, cache: ModelCache, tmp_path: Path) -> None:
     partial = tmp_path / "models"
     shutil.copytree(models_dir, partial)
     (model_dir(partial, CAPTION_KIND, TINY_CAPTION) / "model.safetensors").unlink()
     built = tiny_set(partial, cache)
-    assert built.ready_forms() == ["interrogation", "nsfw"]
+    assert built.ready_forms() == ["interrogation", "nsfw", "aesthetic"]
+    shutil.rmtree(model_dir(partial, "deepdanbooru", TINY_DEEPDANBOORU))
+    assert tiny_set(partial, cache).ready_forms() == ["interrogation", "aesthetic"]  # no anime path: no nsfw
     # The real default names are not present in a folder of tiny models.
     real = build_interrogators(
         models_dir=models_dir,
         cache=cache,
         device=DevicePolicy.cpu(),
-        forms=["caption", "interrogation", "nsfw"],
+        forms=["caption", "interrogation", "nsfw", "aesthetic"],
     )
     assert real.ready_forms() == []
 
@@ -80,6 +92,7 @@ def test_cpu_policy_never_touches_cuda(
         torch.set_num_threads(threads)
     assert built.caption.caption(picture(), {"num_beams": 2})["caption"]
     assert len(built.interrogation.interrogate(picture(), None)["interrogation"]["tags"]) == 5
-    assert built.nsfw.is_nsfw([picture()]) == [False]
+    assert built.safety.is_nsfw(picture()) in (True, False)
+    assert isinstance(built.safety.aesthetic_score(picture()), float)
     assert touched == []
     assert not torch.cuda.is_initialized()

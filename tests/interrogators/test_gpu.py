@@ -1,4 +1,5 @@
-"""The three interrogators on CUDA (float16, weights moved by the model cache). Run with `-m gpu`."""
+"""The interrogators on CUDA (weights moved by the model cache): BLIP in float16, the shared CLIP and the
+safety pass in float32 on the GPU when their VRAM budget has room. Run with `-m gpu`."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ def test_forms_run_on_the_gpu_in_half_precision(models_dir: Path, tmp_path: Path
     assert found.caption.caption(picture(), {"num_beams": 2})["caption"]
     ranked = found.interrogation.interrogate(picture(), {"top_count": 3})["interrogation"]
     assert all(len(entries) == 3 for entries in ranked.values())
-    assert found.nsfw.is_nsfw([picture(), picture(1)]) == [False, False]
+    assert found.safety.is_nsfw(picture()) in (True, False)
+    assert isinstance(found.safety.aesthetic_score(picture(1)), float)
     with found.caption.loaded() as bundle:
         parameter = next(bundle.model.parameters())
         assert parameter.device.type == "cuda" and parameter.dtype == torch.float16
-    assert sorted(cache.on_device()) == sorted([found.caption.key, found.interrogation.key, found.nsfw.key])
+    with found.safety.embedder.loaded() as bundle:
+        parameter = next(bundle.model.parameters())
+        assert parameter.device.type == "cuda" and parameter.dtype == torch.float32  # room: on the GPU
+    assert {found.caption.key, found.interrogation.key} <= set(cache.on_device())

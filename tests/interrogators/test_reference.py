@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from interrogators import aesthetic, deepdanbooru
 from interrogators.reference import (
+    AESTHETIC,
     CAPTION_BASE,
     CAPTION_LARGE,
     CLIP_L14,
+    DEEPDANBOORU,
     SAFETY_CHECKER,
     model_dir,
     reference_records,
+    reference_sha256,
 )
 from interrogators.tiny import build_tiny_interrogators
 from models.reference import parse_reference
@@ -19,10 +23,12 @@ from models.reference import parse_reference
 
 def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None:
     raw = reference_records()
-    assert set(raw) == {CAPTION_LARGE, CAPTION_BASE, CLIP_L14, SAFETY_CHECKER}
+    assert set(raw) == {CAPTION_LARGE, CAPTION_BASE, CLIP_L14, SAFETY_CHECKER, DEEPDANBOORU, AESTHETIC}
     records = parse_reference(raw, category="blip", source="interrogators/reference.json")
     assert set(records) == set(raw)
     for name, record in records.items():
+        if name in (DEEPDANBOORU, AESTHETIC):
+            continue  # single files, below
         files = {f.path for f in record.files}
         downloads = {d.relative_path: d for d in record.downloads}
         assert files == set(downloads), name
@@ -42,6 +48,20 @@ def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None
     assert records[SAFETY_CHECKER].files[-1].sha256sum == (
         "64b8393f1afd5a0c1ed2aa5f341fa7c08286839a48f3743162a76a2835c808bd"
     )
+
+
+def test_safety_pass_weights_carry_their_published_sha256() -> None:
+    records = parse_reference(reference_records(), category="blip", source="interrogators/reference.json")
+    for name, module in ((DEEPDANBOORU, deepdanbooru), (AESTHETIC, aesthetic)):
+        record = records[name]
+        [spec], [download] = record.files, record.downloads
+        assert spec.path == f"{name}/{module.FILE_NAME}" == download.relative_path
+        assert spec.sha256sum == module.SHA256 == reference_sha256(name)
+        assert download.file_url.startswith("https://github.com/")
+        assert model_dir(Path("/cache"), record.category, name) / module.FILE_NAME == Path(
+            "/cache", record.category, spec.path
+        )
+    assert records[AESTHETIC].size_on_disk_bytes == aesthetic.SIZE_BYTES == 3_714_759
 
 
 def test_tiny_records_match_their_files_and_builds_are_idempotent(models_dir: Path) -> None:

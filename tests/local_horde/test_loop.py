@@ -152,3 +152,31 @@ def test_concurrent_workers_get_each_id_exactly_once(horde: LocalHorde) -> None:
     assert all(len(acc.submits[i]) == 1 for i in acc.handed_out) and acc.unfinished() == []
     for status in statuses.values():
         assert all(horde.download(g["img"]) == g["id"].encode() for g in status["generations"])
+
+
+def test_aesthetic_form_is_accepted_and_paid_one_kudos(horde: LocalHorde, worker: WorkerClient) -> None:
+    rid = horde.request_interrogation(horde.host_image(webp("white", (300, 200))), ["aesthetic"])
+    popped = worker.ipop(["aesthetic"])
+    [form] = popped["forms"]
+    assert form["form"] == "aesthetic" and "r2_upload" not in form
+    assert worker.isubmit(form["id"], {"aesthetic": 6.1234}).json() == {"reward": 1.0}
+    [view] = horde.interrogation_status(rid)["forms"]
+    assert view["state"] == "done" and view["result"] == {"aesthetic": 6.1234}
+
+
+def test_only_a_csam_censorship_entry_records_a_problem_job(horde: LocalHorde, worker: WorkerClient) -> None:
+    rids = [horde.request_generation(small_params(), models=["tiny-sd1"]) for _ in range(3)]
+    bodies = [
+        {"state": "csam", "gen_metadata": [{"type": "censorship", "value": "csam"}]},
+        {"state": "csam"},  # a bare state: the server acts on the entry, not the state
+        {"state": "censored", "gen_metadata": [{"type": "censorship", "value": "nsfw"}]},
+    ]
+    ids = []
+    for body in bodies:
+        job = worker.pop()
+        requests.put(job["r2_upload"], data=webp("grey"), timeout=5)
+        assert worker.submit(job["id"], **body).status_code == 200
+        ids.append(job["id"])
+    assert horde.accounting().problem_jobs == [ids[0]]
+    censored = {g["id"]: g["censored"] for s in horde.wait_done(rids).values() for g in s["generations"]}
+    assert censored == {ids[0]: True, ids[1]: False, ids[2]: True}

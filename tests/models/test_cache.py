@@ -301,6 +301,42 @@ def test_cpu_use_is_a_no_op_move():
     assert cache.used_bytes(Tier.VRAM) == 0
 
 
+def test_if_room_on_a_cpu_cache_is_a_plain_use():
+    cache = make_cache(4)
+    module = mib_module(1)
+    with cache.use("m", lambda: module, if_room=True) as got:
+        assert got is module and got.weight.device.type == "cpu"
+    assert cache._entries["m"].cpu_users == 0 and cache.on_device() == []
+
+
+@pytest.mark.gpu
+def test_if_room_uses_the_gpu_only_without_evicting_and_never_moves_under_a_cpu_user():
+    device = DevicePolicy.detect()
+    assert device.is_cuda
+    cache = ModelCache(device, ram_budget_bytes=64 * MIB, vram_budget_bytes=2 * MIB)
+    with cache.use("generation", lambda: mib_module(2)):  # fills the VRAM budget
+        pass
+    with cache.use("side", lambda: mib_module(1), if_room=True) as side:
+        assert side.weight.device.type == "cpu"  # no room without evicting: the RAM copy
+        assert cache.on_device() == ["generation"] and cache._entries["side"].cpu_users == 1
+        moved = threading.Event()
+
+        def wants_gpu():
+            with cache.use("side", lambda: mib_module(1)):
+                moved.set()
+
+        mover = threading.Thread(target=wants_gpu)
+        mover.start()
+        time.sleep(0.2)
+        assert not moved.is_set() and side.weight.device.type == "cpu"  # waits for the CPU user
+    mover.join(10)
+    assert moved.is_set() and cache._entries["side"].cpu_users == 0
+    cache.offload("side")
+    cache.drop("generation")
+    with cache.use("side", lambda: mib_module(1), if_room=True) as side:
+        assert side.weight.device.type == "cuda"  # room now: the GPU
+
+
 @pytest.mark.gpu
 def test_cuda_moves_from_pinned_memory_and_offloads_without_copies():
     device = DevicePolicy.detect()

@@ -72,29 +72,51 @@ def pipelines(tiny_reference: Path) -> RecordingManager:
 
 
 @pytest.fixture(scope="session")
-def safety_checkers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The interrogators' real NsfwChecker on two tiny safety checkers: one never flags, one always does."""
-    from interrogators.nsfw import NsfwChecker
-    from interrogators.reference import model_dir
-    from interrogators.tiny import TINY_SAFETY, TINY_SAFETY_FLAGS, build_tiny_interrogators
-    from models.cache import ModelCache
+def safety_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny safety-pass models (split CLIP, DeepDanbooru, aesthetic) and SD checkers, built once."""
+    from interrogators.tiny import build_tiny_interrogators
 
     dest = tmp_path_factory.mktemp("gen-safety")
     build_tiny_interrogators(dest)
-    cache = ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def safety_cache() -> ModelCache:
+    return ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
+
+
+@pytest.fixture()
+def safety(safety_models: Path, safety_cache: ModelCache, tmp_path: Path) -> Any:
+    """The real safety pass on the split tiny CLIP: finds nothing until a test places concepts
+    (tests/interrogators/safety_helpers.place_concepts); concept embeddings are per test."""
+    from tests.interrogators.safety_helpers import tiny_safety
+
+    return tiny_safety(safety_models, safety_cache, tmp_path / "safety-embeddings")
+
+
+@pytest.fixture(scope="session")
+def safety_checkers(safety_models: Path, safety_cache: ModelCache) -> dict[str, Any]:
+    """Stable Diffusion's checker (the optional second opinion) on two tiny models: one never flags, one
+    always does."""
+    from interrogators.nsfw import NsfwChecker
+    from interrogators.tiny import TINY_SAFETY, TINY_SAFETY_FLAGS
+
+    folder = safety_models / "safety_checker"
     return {
-        "clean": NsfwChecker(model_dir(dest, "safety_checker", TINY_SAFETY), cache=cache),
-        "flags": NsfwChecker(model_dir(dest, "safety_checker", TINY_SAFETY_FLAGS), cache=cache),
+        "clean": NsfwChecker(folder / TINY_SAFETY, cache=safety_cache),
+        "flags": NsfwChecker(folder / TINY_SAFETY_FLAGS, cache=safety_cache),
     }
 
 
-def make_runtime(pipelines: ModelManager, **config: Any) -> Runtime:
+def make_runtime(pipelines: ModelManager, safety: Any = None, **config: Any) -> Runtime:
     overrides = {"max_power": 8, **config}
     return Runtime(
         config=BridgeConfig(**overrides),
         device=DevicePolicy.cpu(),
         fetcher=SourceFetcher(allow_private=True),  # the local horde is on loopback
         models=pipelines,
+        safety=safety,
     )
 
 

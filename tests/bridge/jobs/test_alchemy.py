@@ -16,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+import interrogators as interrogator_package
 from bridge.api_models import AlchemyForm
-from bridge.config import BridgeConfig
+from bridge.config import KNOWN_FORMS, BridgeConfig
 from bridge.horde_api import HordeClient
 from bridge.jobs.alchemy import (
+    INTERROGATOR_FORMS,
+    AestheticJob,
     AlchemyJob,
     AlchemySource,
     CaptionJob,
@@ -33,7 +36,6 @@ from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from interrogators import InterrogatorSet
 from interrogators.terms import CATEGORIES
-from interrogators.tiny import TINY_SAFETY_FLAGS
 from local_horde import CORRUPT_IMAGE_BYTES, LocalHorde
 from models.cache import ModelCache
 from models.device import DevicePolicy
@@ -46,6 +48,7 @@ from tests.interrogators.helpers import (
     tiny_models_dir,
     tiny_set,
 )
+from tests.interrogators.safety_helpers import ADULT_NUDE, place_concepts, tiny_safety
 
 REGEN_AGENT = "AI Horde Worker reGen:9.0.0:https://github.com/Haidra-Org/horde-worker-reGen"
 UPSCALER = "4x_AnimeSharp"
@@ -118,7 +121,7 @@ def make_runtime(horde: LocalHorde, forms: list[str], **parts: Any) -> Runtime:
 def runtime(
     horde: LocalHorde, interrogators: InterrogatorSet, postprocessors: PostProcessorRegistry
 ) -> Runtime:
-    forms = ["caption", "interrogation", "nsfw", UPSCALER, "GFPGAN"]
+    forms = ["caption", "interrogation", "nsfw", "aesthetic", UPSCALER, "GFPGAN"]
     return make_runtime(horde, forms, interrogators=interrogators, postprocessors=postprocessors)
 
 
@@ -191,19 +194,55 @@ def test_interrogation_form_end_to_end(horde: LocalHorde, client: HordeClient, r
 
 
 def test_nsfw_form_reports_both_verdicts(
-    horde: LocalHorde, client: HordeClient, runtime: Runtime, models_dir: Path, cache: ModelCache
+    horde: LocalHorde, client: HordeClient, models_dir: Path, cache: ModelCache, tmp_path: Path
 ) -> None:
+    # The horde's decision on the split tiny CLIP, whose similarities the test places.
+    safety = tiny_safety(models_dir, cache, tmp_path / "embeddings")
+    nsfw_only = make_runtime(horde, ["nsfw"], interrogators=InterrogatorSet(safety=safety))
     clean = horde.request_interrogation(encoded(picture(3)), ["nsfw"])
-    jobs = pop_all(AlchemySource(), client, runtime)
+    jobs = pop_all(AlchemySource(), client, nsfw_only)
     assert [type(j) for j in jobs] == [NsfwJob]
-    run_jobs(jobs, client, runtime)
+    assert run_jobs(jobs, client, nsfw_only) == [1.0]
     assert only_form(horde.interrogation_status(clean))["result"] == {"nsfw": False}
 
-    flagging = tiny_set(models_dir, cache, forms=["nsfw"], nsfw_model=TINY_SAFETY_FLAGS)
-    strict = make_runtime(horde, ["nsfw"], interrogators=flagging)
+    place_concepts(safety, ADULT_NUDE)
     flagged = horde.request_interrogation(encoded(picture(4)), ["nsfw"])
-    run_jobs(pop_all(AlchemySource(), client, strict), client, strict)
+    run_jobs(pop_all(AlchemySource(), client, nsfw_only), client, nsfw_only)
     assert only_form(horde.interrogation_status(flagged))["result"] == {"nsfw": True}
+
+
+def test_aesthetic_form_end_to_end(horde: LocalHorde, client: HordeClient, runtime: Runtime) -> None:
+    source = picture(9)
+    rid = horde.request_interrogation(encoded(source), ["aesthetic"])
+    jobs = pop_all(AlchemySource(), client, runtime)
+    assert [type(j) for j in jobs] == [AestheticJob]
+    assert run_jobs(jobs, client, runtime) == [1.0]  # the server pays every non-interrogation form 1 kudos
+    form = only_form(horde.interrogation_status(rid))
+    assert form["state"] == "done" and list(form["result"]) == ["aesthetic"]
+    score = form["result"]["aesthetic"]
+    assert isinstance(score, float) and score == round(score, 4)
+    assert score == round(runtime.interrogators.safety.aesthetic_score(source), 4)
+    assert horde.submits(jobs[0].ids[0])[0]["result"] == {"aesthetic": score}
+
+
+def test_nsfw_interrogation_and_aesthetic_on_one_source_embed_it_once(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime
+) -> None:
+    runtime.interrogators.warm()
+    clip = runtime.interrogators.interrogation.embedder
+    assert runtime.interrogators.safety.embedder is clip
+    before = clip.image_forwards
+    rid = horde.request_interrogation(encoded(picture(10, (80, 72))), ["nsfw", "interrogation", "aesthetic"])
+    jobs = pop_all(AlchemySource(), client, runtime)
+    assert sorted(j.model for j in jobs) == ["aesthetic", "interrogation", "nsfw"]
+    assert run_jobs(jobs, client, runtime) == [1.0, 3.0, 1.0]
+    assert horde.interrogation_status(rid)["state"] == "done"
+    assert clip.image_forwards - before == 1  # three jobs, three downloads, one CLIP forward
+
+
+def test_the_form_names_are_one_list() -> None:
+    assert INTERROGATOR_FORMS == interrogator_package.INTERROGATOR_FORMS
+    assert set(INTERROGATOR_FORMS) <= set(KNOWN_FORMS)
 
 
 def test_post_processor_form_puts_webp_to_r2(
@@ -247,11 +286,11 @@ def test_pop_advertises_only_ready_forms_under_the_alchemist_name(
 ) -> None:
     source = AlchemySource()
     # GFPGAN is configured but its weights are absent: not offered.
-    assert source.ready_forms(runtime) == ["caption", "interrogation", "nsfw", UPSCALER]
+    assert source.ready_forms(runtime) == ["caption", "interrogation", "nsfw", "aesthetic", UPSCALER]
     assert pop_all(source, client, runtime) == []  # idle: the horde answers forms: null
     worker = horde.worker_details(runtime.config.alchemist_name)
     assert worker is not None and worker["type"] == "interrogation"
-    assert worker["forms"] == ["caption", "interrogation", "nsfw", UPSCALER]
+    assert worker["forms"] == ["caption", "interrogation", "nsfw", "aesthetic", UPSCALER]
     assert worker["bridge_agent"] == REGEN_AGENT and worker["threads"] == 2
     request = source.request(runtime, source.ready_forms(runtime), capacity=3)
     assert (request.amount, request.max_tiles, request.name) == (3, 16, runtime.config.alchemist_name)

@@ -21,12 +21,16 @@ from bridge.runtime import Runtime
 from local_horde import CORRUPT_IMAGE_BYTES, DEFAULT_API_KEY, LocalHorde
 from tests.bridge.generation import conftest as generation_fixtures
 from tests.bridge.generation.conftest import RecordingManager, make_manager, make_runtime
+from tests.interrogators.safety_helpers import ADULT_NUDE, PHOTO_CSAM, place_concepts
 
 # The tiny models and pipelines, shared (session-scoped) with the generation tests.
 tiny_reference = generation_fixtures.tiny_reference
 pipelines = generation_fixtures.pipelines
 source_image = generation_fixtures.source_image
 one_torch_thread = generation_fixtures.one_torch_thread
+safety_models = generation_fixtures.safety_models
+safety_cache = generation_fixtures.safety_cache
+safety = generation_fixtures.safety
 
 SD1 = "tiny-sd1-diffusers"
 SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "k_euler"}
@@ -49,8 +53,10 @@ def client(horde: LocalHorde) -> Iterator[HordeClient]:
 
 
 @pytest.fixture()
-def runtime(pipelines: RecordingManager) -> Runtime:
-    return make_runtime(pipelines, api_key=DEFAULT_API_KEY, dreamer_name="gen-test-worker", max_batch=4)
+def runtime(pipelines: RecordingManager, safety) -> Runtime:
+    return make_runtime(
+        pipelines, safety, api_key=DEFAULT_API_KEY, dreamer_name="gen-test-worker", max_batch=4
+    )
 
 
 def webp(image: Image.Image) -> bytes:
@@ -221,7 +227,7 @@ def test_extra_source_images_are_reported(runtime: Runtime, source_image: Image.
     job.prepare(runtime)
     [submission] = job.execute(runtime)
     assert submission.state == "ok"
-    assert [m["type"] for m in submission.gen_metadata] == ["extra_source_images"]
+    assert [m["type"] for m in submission.gen_metadata] == ["extra_source_images", "aesthetic_score"]
 
 
 def test_pop_request_from_legacy_config() -> None:
@@ -245,9 +251,12 @@ def test_pop_request_from_legacy_config() -> None:
 def test_idle_pop_and_no_ready_models(client: HordeClient, runtime: Runtime, tiny_reference: Path) -> None:
     assert GenerationSource().pop(client, runtime, capacity=1) == []
     assert GenerationSource().pop(client, runtime, capacity=0) == []
-    empty = make_runtime(make_manager(tiny_reference, models=[]))
+    empty = make_runtime(make_manager(tiny_reference, models=[]), runtime.safety)
     assert not GenerationSource().ready(empty)
     assert GenerationSource().pop(client, empty, capacity=1) == []
+    unchecked = make_runtime(runtime.models)  # models but no safety pass: nothing is popped
+    assert not GenerationSource().ready(unchecked)
+    assert GenerationSource().pop(client, unchecked, capacity=1) == []
 
 
 def test_without_r2_the_image_is_submitted_as_base64(runtime: Runtime, pipelines: RecordingManager) -> None:
@@ -265,3 +274,113 @@ def test_without_r2_the_image_is_submitted_as_base64(runtime: Runtime, pipelines
         status = plain_horde.wait_done([rid])[rid]
         stored = base64.b64decode(status["generations"][0]["img"])
         assert Image.open(io.BytesIO(stored)).size == (64, 64)
+
+
+# ---- the safety pass on real jobs through the local horde -----------------------------------------------
+
+
+def test_csam_job_submits_the_placeholder_with_its_censorship_entry(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime, safety
+) -> None:
+    place_concepts(safety, PHOTO_CSAM)
+    rid = horde.request_generation({**SMALL, "n": 2, "seed": "3"}, models=[SD1])
+    job = pop_one(client, runtime)
+    submissions = finish(horde, client, runtime, job)
+    status = horde.wait_done([rid])[rid]
+    stored = {g["id"]: g for g in status["generations"]}
+    for submission in submissions:
+        [submit] = horde.submits(submission.job_id)
+        assert submit["state"] == "csam" and submit["generation"] == "R2"
+        assert submit["gen_metadata"][0] == {"type": "censorship", "value": "csam"}
+        assert not any(m["type"] == "aesthetic_score" for m in submit["gen_metadata"])
+        uploaded = Image.open(io.BytesIO(horde.download(stored[submission.job_id]["img"])))
+        assert uploaded.size == (64, 64)
+        assert np.asarray(uploaded.convert("RGB"))[0, 0].tolist() == pytest.approx([24, 24, 24], abs=3)
+        assert stored[submission.job_id]["censored"] is True
+    # The horde records the requester as a problem user for each, as the real server does.
+    assert set(job.ids) <= set(horde.accounting().problem_jobs)
+
+
+def test_generated_image_is_never_the_placeholder(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime, safety
+) -> None:
+    horde.request_generation({**SMALL, "seed": "8"}, models=[SD1])
+    [kept] = finish(horde, client, runtime, pop_one(client, runtime))
+    place_concepts(safety, PHOTO_CSAM)
+    horde.request_generation({**SMALL, "seed": "8"}, models=[SD1])
+    [replaced] = finish(horde, client, runtime, pop_one(client, runtime))
+    assert kept.state == "ok" and replaced.state == "csam" and kept.image != replaced.image
+
+
+@pytest.mark.parametrize(("nsfw_worker", "state", "entry"), [
+    (False, "censored", {"type": "censorship", "value": "nsfw"}),
+    (True, "ok", {"type": "information", "value": "nsfw"}),
+])  # fmt: skip
+def test_nsfw_job_censored_on_an_sfw_worker_labelled_on_an_nsfw_one(
+    horde: LocalHorde, client: HordeClient, pipelines: RecordingManager, safety, nsfw_worker: bool,
+    state: str, entry: dict,
+) -> None:  # fmt: skip
+    place_concepts(safety, ADULT_NUDE)
+    runtime = make_runtime(pipelines, safety, api_key=DEFAULT_API_KEY, dreamer_name="gen-nsfw-worker",
+                           nsfw=nsfw_worker)  # fmt: skip
+    rid = horde.request_generation(SMALL, models=[SD1], nsfw=nsfw_worker)
+    [submission] = finish(horde, client, runtime, pop_one(client, runtime))
+    [submit] = horde.submits(submission.job_id)
+    assert submit["state"] == state and entry in submit["gen_metadata"]
+    assert submission.job_id not in horde.accounting().problem_jobs
+    [gen] = horde.wait_done([rid])[rid]["generations"]
+    assert gen["censored"] is (state == "censored")
+
+
+def test_every_delivered_image_carries_its_aesthetic_score(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime
+) -> None:
+    horde.request_generation(SMALL, models=[SD1])
+    [submission] = finish(horde, client, runtime, pop_one(client, runtime))
+    [submit] = horde.submits(submission.job_id)
+    [score] = [m for m in submit["gen_metadata"] if m["type"] == "aesthetic_score"]
+    assert score["value"] == "see_ref" and score["ref"] == f"{float(score['ref']):.4f}"
+
+
+def test_a_failing_safety_pass_faults_the_job_and_uploads_nothing(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime, safety, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("CLIP fell over")
+
+    monkeypatch.setattr(safety, "check", broken)
+    horde.request_generation(SMALL, models=[SD1])
+    job = pop_one(client, runtime)
+    [submission] = finish(horde, client, runtime, job)
+    assert submission.state == "faulted" and submission.image is None
+    [submit] = horde.submits(submission.job_id)
+    assert submit["state"] == "faulted" and "safety pass failed" in submit["gen_metadata"][-1]["ref"]
+    assert not [key for key in horde.registry.store.keys() if job.ids[0] in key]  # noqa: SIM118 - nothing uploaded
+
+
+def test_the_safety_pass_runs_after_the_run_slot_is_released(
+    horde: LocalHorde, client: HordeClient, runtime: Runtime, safety, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+
+    class Slot:
+        def __enter__(self):
+            events.append("slot taken")
+
+        def __exit__(self, *exc):
+            events.append("slot released")
+
+    real_check = safety.check
+
+    def check(*args, **kwargs):
+        events.append("safety pass")
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(safety, "check", check)
+    horde.request_generation(SMALL, models=[SD1])
+    job = pop_one(client, runtime)
+    job.prepare(runtime)
+    [submission] = job.execute_in_slot(runtime, Slot())
+    assert events == ["slot taken", "slot released", "safety pass"]
+    assert submission.state == "ok" and job.timings.safety > 0
+    job.send(client, submission)
