@@ -49,23 +49,37 @@ class Intervals:
 
 
 class TimedSource(GenerationSource):
+    """Generation jobs whose time in a run slot (what the loop keeps busy) is recorded."""
+
     def __init__(self, intervals: Intervals):
         self.intervals = intervals
 
     def pop(self, client, runtime, capacity):
         jobs = super().pop(client, runtime, capacity)
         for job in jobs:
-            real = job.execute
+            real = job.execute_in_slot
 
-            def timed(rt, real=real):
-                start = time.perf_counter()
-                try:
-                    return real(rt)
-                finally:
-                    self.intervals.add(start, time.perf_counter())
+            def timed(rt, slot, real=real):
+                return real(rt, _TimedSlot(slot, self.intervals))
 
-            job.execute = timed
+            job.execute_in_slot = timed
         return jobs
+
+
+class _TimedSlot:
+    """A run slot that records how long it was held."""
+
+    def __init__(self, slot, intervals: Intervals):
+        self.slot, self.intervals, self.start = slot, intervals, 0.0
+
+    def __enter__(self):
+        entered = self.slot.__enter__()
+        self.start = time.perf_counter()
+        return entered
+
+    def __exit__(self, *exc_info):
+        self.intervals.add(self.start, time.perf_counter())
+        return self.slot.__exit__(*exc_info)
 
 
 def tiny_reference() -> Path:

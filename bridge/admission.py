@@ -278,14 +278,19 @@ INTERROGATOR_HOLDERS = {"caption": "caption", "interrogation": "interrogation", 
                         "aesthetic": "safety"}  # fmt: skip
 
 
+def interrogator_folder(found: object) -> Path | None:
+    """The model folder an interrogator runs on (the safety pass, nsfw and aesthetic: its CLIP's)."""
+    folder = getattr(found, "folder", None) or getattr(getattr(found, "embedder", None), "folder", None)
+    return Path(folder) if folder is not None else None
+
+
 def interrogator_sizes(interrogators: object, table: WorkingMemoryTable, dtype: torch.dtype
                        ) -> dict[str, tuple[int, int]]:  # fmt: skip
     """form -> (weights, working memory) of the interrogator forms a worker has (caption, interrogation, and
     nsfw and aesthetic on the safety pass's CLIP)."""
     sizes: dict[str, tuple[int, int]] = {}
     for form, holder in INTERROGATOR_HOLDERS.items():
-        found = getattr(interrogators, holder, None)
-        folder = getattr(found, "folder", None) or getattr(getattr(found, "embedder", None), "folder", None)
+        folder = interrogator_folder(getattr(interrogators, holder, None))
         if folder is not None:
             sizes[form] = (folder_weight_bytes(folder, dtype), table.interrogator_bytes(form))
     return sizes

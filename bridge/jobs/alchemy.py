@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
-from bridge.admission import MEMORY_ERRORS, free_device_memory, interrogator_sizes, post_processor_sizes
+from bridge.admission import (
+    MEMORY_ERRORS,
+    free_device_memory,
+    interrogator_folder,
+    interrogator_sizes,
+    post_processor_sizes,
+)
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
 from bridge.errors import HordeError
 from bridge.families import ALCHEMY
@@ -180,8 +186,9 @@ class _InterrogatorJob(AlchemyJob):
         return found
 
     def weights(self, runtime: Runtime) -> list[Path]:
-        found = getattr(runtime.interrogators, self.form.form, None) if runtime.interrogators else None
-        return [Path(found.folder)] if found is not None else []
+        found = getattr(runtime.interrogators, self.serves_from, None) if runtime.interrogators else None
+        folder = interrogator_folder(found)
+        return [folder] if folder is not None else []
 
     def run(self, runtime: Runtime, image: Image.Image) -> Submission:
         interrogator = self.interrogator(runtime)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ WORKER = "admission-test-worker"
 FAST = LoopTimings(idle_poll_s=0.05, error_poll_s=0.05, maintenance_poll_s=0.05, fault_pause_s=0.2)
 
 
-def card_runtime(reference_json: Path, machine: InjectedMachine, **settings) -> Runtime:
+def card_runtime(reference_json: Path, machine: InjectedMachine, safety: Any = None, **settings) -> Runtime:
     """A generation runtime whose device is `machine`'s card (simulated; the jobs compute on this CPU), with
     the committed defaults for everything memory-related."""
     config = build_config({"dreamer_name": WORKER, "api_key": DEFAULT_API_KEY, **settings}, environ={}).config
@@ -49,7 +50,8 @@ def card_runtime(reference_json: Path, machine: InjectedMachine, **settings) -> 
     manager = ModelManager(reference=reference, cache=cache, device=device, cache_home=root / "home",
                            models=[MODEL])  # fmt: skip
     admission = Admission(cache=cache, device=device, table=WorkingMemoryTable(device), models=manager)
-    return Runtime(config=config, device=device, fetcher=SourceFetcher(), models=manager, admission=admission)
+    return Runtime(config=config, device=device, fetcher=SourceFetcher(), models=manager, admission=admission,
+                   safety=safety)
 
 
 @pytest.fixture()
@@ -67,10 +69,10 @@ def params(size: int) -> dict:
     return {"width": size, "height": size, "steps": 2, "sampler_name": "k_euler", "seed": "3"}
 
 
-def test_never_advertises_more_pixels_than_the_card_holds(tiny_reference, horde):
+def test_never_advertises_more_pixels_than_the_card_holds(passing_safety, tiny_reference, horde):
     # A 3 GiB card with 0.5 GiB taken by the desktop: far less than max_power 32 (1024x1024) needs.
     machine = InjectedMachine.gib(16, 3, vram_others=0.5)
-    runtime = card_runtime(tiny_reference, machine, max_power=32)
+    runtime = card_runtime(tiny_reference, machine, passing_safety, max_power=32)
     admission = runtime.admission
     offer = admission.offer([MODEL], 1024 * 1024)
     assert offer.models == [MODEL] and 256 * 256 < offer.max_pixels < 1024 * 1024
@@ -95,9 +97,9 @@ def test_never_advertises_more_pixels_than_the_card_holds(tiny_reference, horde)
     assert horde.generation_status(big)["waiting"] == 1
 
 
-def test_a_card_that_cannot_hold_the_model_pops_nothing(tiny_reference, horde, caplog):
+def test_a_card_that_cannot_hold_the_model_pops_nothing(passing_safety, tiny_reference, horde, caplog):
     machine = InjectedMachine.gib(16, 0.5)  # 512 MiB: not even the smallest job's working memory
-    runtime = card_runtime(tiny_reference, machine)
+    runtime = card_runtime(tiny_reference, machine, passing_safety)
     horde.request_generation(params(64), models=[MODEL])
     with client_for(horde) as client, caplog.at_level("WARNING"):
         assert GenerationSource().pop(client, runtime, capacity=1) == []
@@ -116,10 +118,10 @@ def test_a_card_that_cannot_hold_the_model_pops_nothing(tiny_reference, horde, c
     ids=["card", "cpu"],
 )
 def test_out_of_memory_in_diffusion_faults_lowers_the_ceiling_and_the_next_job_is_served(
-    tiny_reference, horde, tmp_path, machine, error
+    passing_safety, tiny_reference, horde, tmp_path, machine, error
 ):
     machine = machine()
-    runtime = card_runtime(tiny_reference, machine, max_power=8)
+    runtime = card_runtime(tiny_reference, machine, passing_safety, max_power=8)
     with runtime.models.pipeline(MODEL) as pipe:
         unet = pipe.unet
     failures = []
@@ -161,8 +163,8 @@ def test_out_of_memory_in_diffusion_faults_lowers_the_ceiling_and_the_next_job_i
     assert len(failures) == 1
 
 
-def test_a_job_over_the_lowered_ceiling_faults_with_the_reason(tiny_reference, horde):
-    runtime = card_runtime(tiny_reference, InjectedMachine.gib(16, 8))
+def test_a_job_over_the_lowered_ceiling_faults_with_the_reason(passing_safety, tiny_reference, horde):
+    runtime = card_runtime(tiny_reference, InjectedMachine.gib(16, 8), passing_safety)
     runtime.admission.on_out_of_memory(MODEL, JobShape("sd", 128, 128), "simulated")
     request = horde.request_generation(params(128), models=[MODEL])
     with client_for(horde) as client:
@@ -177,19 +179,21 @@ def test_a_job_over_the_lowered_ceiling_faults_with_the_reason(tiny_reference, h
     assert horde.generation_status(request)["waiting"] == 1  # back in the queue for another worker
 
 
-def test_ram_is_the_device_on_a_cpu_machine(tiny_reference):
+def test_ram_is_the_device_on_a_cpu_machine(passing_safety, tiny_reference):
     # A 16 GB CPU-only machine: the same decisions, with RAM as the device.
     machine = InjectedMachine.gib(16, ram_others=4)
-    runtime = card_runtime(tiny_reference, machine, max_power=8)
+    runtime = card_runtime(tiny_reference, machine, passing_safety, max_power=8)
     assert runtime.admission.where == "RAM"
     assert runtime.admission.offer([MODEL], 512 * 512).max_pixels == 512 * 512
     machine.set_others(ram=int(15.5 * GIB))  # the volunteer's programs take almost everything
     assert runtime.admission.offer([MODEL], 512 * 512).models == []
 
 
-def test_a_job_the_machine_can_no_longer_hold_faults_saying_so_and_the_worker_goes_on(tiny_reference, horde):
+def test_a_job_the_machine_can_no_longer_hold_faults_saying_so_and_the_worker_goes_on(
+    passing_safety, tiny_reference, horde
+):
     machine = InjectedMachine.gib(16, 8)
-    runtime = card_runtime(tiny_reference, machine)
+    runtime = card_runtime(tiny_reference, machine, passing_safety)
     request = horde.request_generation(params(256), models=[MODEL])
     with client_for(horde) as client:
         [job] = GenerationSource().pop(client, runtime, capacity=1)

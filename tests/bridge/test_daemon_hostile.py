@@ -80,12 +80,12 @@ def loopback_is_the_internet(address: Any) -> bool:
 
 
 def make_runtime(*, models: Any = None, interrogators: Any = None, fetcher: SourceFetcher | None = None,
-                 **settings: Any) -> Runtime:
+                 safety: Any = None, **settings: Any) -> Runtime:
     config = {"dreamer_name": "hostile-dreamer", "alchemist_name": "hostile-alchemist",
               "forms": ["nsfw", "caption"], "max_threads": 1, "queue_size": 1, "max_power": 8, **settings}
     return Runtime(config=build_config(config, environ={}).config, device=DevicePolicy.cpu(),
                    fetcher=fetcher or SourceFetcher(timeout=2.0, allow_private=True),
-                   models=models, interrogators=interrogators)
+                   models=models, interrogators=interrogators, safety=safety)
 
 
 def make_client(horde: LocalHorde, **kw: Any) -> HordeClient:
@@ -212,7 +212,7 @@ def tamper_each(cases: list[tuple[str, Any, bool]], seen: dict[str, tuple[str, A
 
 def test_every_field_of_every_wrong_json_type_ends_in_one_submit(
     horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, passing_safety: Any,
 ) -> None:
     generation_cases = wrong_values(GenerationPayload, "payload.") + wrong_values(
         GenerationPopResponse, skip=("id", "ids", "payload"))
@@ -228,7 +228,8 @@ def test_every_field_of_every_wrong_json_type_ends_in_one_submit(
     forms: dict[str, tuple] = {}
     horde.faults.rewrite("*/generate/pop", tamper_each(generation_cases, gens), count=None)
     horde.faults.rewrite("*/interrogate/pop", tamper_each(form_cases, forms, forms=True), count=None)
-    runtime = make_runtime(models=pipelines, interrogators=interrogators, max_threads=2, queue_size=2)
+    runtime = make_runtime(models=pipelines, safety=passing_safety, interrogators=interrogators,
+                           max_threads=2, queue_size=2)
 
     def every_case_submitted() -> bool:
         books = horde.accounting()
@@ -257,7 +258,8 @@ def test_every_field_of_every_wrong_json_type_ends_in_one_submit(
 
 
 def test_results_survive_r2_and_submit_failures_within_the_ttl(
-    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    passing_safety: Any,
 ) -> None:
     def one_job(**params: Any) -> dict:
         request = horde.request_generation({**SMALL, **params}, models=[MODEL])
@@ -265,7 +267,8 @@ def test_results_survive_r2_and_submit_failures_within_the_ttl(
 
     done = []
     client = make_client(horde, upload_timeout=0.3)
-    with serving(horde, make_runtime(models=pipelines), [GenerationSource()], tmp_path, client=client):
+    runtime = make_runtime(models=pipelines, safety=passing_safety)
+    with serving(horde, runtime, [GenerationSource()], tmp_path, client=client):
         r2_down = horde.faults.http_error("/r2/generations/*", 503, method="PUT", count=None)
         done.append(one_job())  # 5xx on every attempt
         r2_down.remaining = 0
@@ -298,14 +301,14 @@ def test_results_survive_r2_and_submit_failures_within_the_ttl(
 
 def test_redirects_never_take_the_key_or_a_result_elsewhere(
     horde: LocalHorde, pipelines: RecordingManager, elsewhere: RecordingHost, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, passing_safety: Any,
 ) -> None:
     horde.faults.redirect("*/generate/pop", elsewhere.url("/api/v2/generate/pop"), status=302, count=2)
     horde.faults.redirect("*/generate/submit", elsewhere.url("/api/v2/generate/submit"), count=1)
     horde.faults.redirect("/r2/*", elsewhere.url("/bucket/put"), method="PUT", count=1)
     request = horde.request_generation(SMALL, models=[MODEL])
     with caplog.at_level(logging.WARNING), serving(
-        horde, make_runtime(models=pipelines), [GenerationSource()], tmp_path
+        horde, make_runtime(models=pipelines, safety=passing_safety), [GenerationSource()], tmp_path
     ) as daemon:
         status = horde.wait_done([request], timeout=30)[request]
     assert daemon.stop_reason is None and elsewhere.seen == []
@@ -319,14 +322,15 @@ def test_redirects_never_take_the_key_or_a_result_elsewhere(
 
 
 def test_secrets_never_reach_gen_metadata_the_log_or_the_status_panel(
-    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    passing_safety: Any,
 ) -> None:
     horde.faults.http_error("*/generate/submit", 400, rc="BadRequest",
                             message="refused: key {apikey} is banned\nINFO forged", count=1)
     horde.faults.http_error("/r2/*", 403, method="PUT", message="bad signature in {query}", count=1)
     horde.request_generation(SMALL, models=[MODEL])
     with caplog.at_level(logging.DEBUG), serving(
-        horde, make_runtime(models=pipelines), [GenerationSource()], tmp_path
+        horde, make_runtime(models=pipelines, safety=passing_safety), [GenerationSource()], tmp_path
     ) as daemon:
         wait_for(all_submitted(horde, 1), what="the refused submit handed back")
         horde.faults.wrong_type("model", f"{MODEL}\x1b[2J[link=http://evil.example]x[/link]")
@@ -353,7 +357,7 @@ def test_secrets_never_reach_gen_metadata_the_log_or_the_status_panel(
 
 def test_sources_on_private_addresses_are_never_fetched(
     horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, elsewhere: RecordingHost,
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, passing_safety: Any,
 ) -> None:
     fetcher = SourceFetcher(timeout=2.0, address_allowed=loopback_is_the_internet)
     lan_camera = horde.request_interrogation(elsewhere.url("/camera.webp"), ["caption"])
@@ -365,7 +369,8 @@ def test_sources_on_private_addresses_are_never_fetched(
                                        source_image=webp("blue", (64, 64)), source_processing="img2img")
     metadata_service = "http://169.254.169.254/latest/meta-data/"  # the cloud's credentials live there
     horde.faults.redirect("/r2/sources/*", metadata_service, method="GET", count=None)
-    runtime = make_runtime(models=pipelines, interrogators=interrogators, fetcher=fetcher)
+    runtime = make_runtime(models=pipelines, safety=passing_safety, interrogators=interrogators,
+                           fetcher=fetcher)
     with caplog.at_level(logging.WARNING), serving(
         horde, runtime, [GenerationSource(), AlchemySource()], tmp_path
     ):
@@ -385,7 +390,7 @@ def test_sources_on_private_addresses_are_never_fetched(
 
 
 def test_jobs_beyond_what_was_asked_are_faulted_at_once(
-    horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, tmp_path: Path
+    horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, tmp_path: Path, passing_safety: Any
 ) -> None:
     url = horde.host_image(webp(), "many.webp")
     for _ in range(4):
@@ -403,7 +408,7 @@ def test_jobs_beyond_what_was_asked_are_faulted_at_once(
                 job.execute = lambda rt, real=real: gate.wait(30) and real(rt)
             return jobs
 
-    runtime = make_runtime(models=pipelines, interrogators=interrogators, queue_size=0)
+    runtime = make_runtime(models=pipelines, safety=passing_safety, interrogators=interrogators, queue_size=0)
     with serving(horde, runtime, [Gated(), GenerationSource()], tmp_path):
         # While the one form asked for holds the only run slot, the three extra ones are already back.
         wait_for(lambda: sum(s[0]["state"] == "faulted" for s in horde.accounting().submits.values()) >= 3,
@@ -422,7 +427,7 @@ def test_jobs_beyond_what_was_asked_are_faulted_at_once(
 
 
 def test_sources_in_odd_modes_are_converted_not_faulted(
-    horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, tmp_path: Path
+    horde: LocalHorde, pipelines: RecordingManager, interrogators: Any, tmp_path: Path, passing_safety: Any
 ) -> None:
     from tests.bridge.test_sources import MODE_SOURCES
 
@@ -430,7 +435,7 @@ def test_sources_in_odd_modes_are_converted_not_faulted(
     sixteen_bit = horde.request_generation(
         {**SMALL, "denoising_strength": 0.6}, models=[MODEL], source_image=MODE_SOURCES["I;16 png"],
         source_processing="img2img")
-    runtime = make_runtime(models=pipelines, interrogators=interrogators)
+    runtime = make_runtime(models=pipelines, safety=passing_safety, interrogators=interrogators)
     with serving(horde, runtime, [GenerationSource(), AlchemySource()], tmp_path):
         statuses = horde.wait_done([form, sixteen_bit], timeout=30)
     assert isinstance(statuses[form]["forms"][0]["result"]["nsfw"], bool)
@@ -466,7 +471,8 @@ def test_slow_sources_hold_no_slot_and_do_not_stop_popping(
 
 
 def test_a_job_whose_ttl_ran_out_in_the_queue_never_takes_a_slot(
-    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    passing_safety: Any,
 ) -> None:
     horde.generations.job_ttl = 1.0
     for prompt in ("first", "second"):
@@ -477,18 +483,18 @@ def test_a_job_whose_ttl_ran_out_in_the_queue_never_takes_a_slot(
         def pop(self, client, runtime, capacity):
             jobs = super().pop(client, runtime, capacity)
             for job in jobs:
-                real = job.execute
+                real = job._generate  # the step that holds the run slot (the safety pass runs after it)
 
-                def execute(rt, real=real, job_id=job.ids[0]):
+                def generate(rt, real=real, job_id=job.ids[0]):
                     ran.append(job_id)
                     gate.wait(30)
                     return real(rt)
 
-                job.execute = execute
+                job._generate = generate
             return jobs
 
     with caplog.at_level(logging.WARNING), serving(
-        horde, make_runtime(models=pipelines), [Gated()], tmp_path
+        horde, make_runtime(models=pipelines, safety=passing_safety), [Gated()], tmp_path
     ):
         wait_for(lambda: len(horde.accounting().handed_out) == 2, what="both popped")
         time.sleep(1.2)  # both ttls run out while the first holds the only slot
@@ -537,12 +543,13 @@ def test_odd_answers_never_stop_the_worker_and_unservable_forms_never_pause_it(
 
 
 def test_moderator_messages_cannot_forge_log_lines(
-    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    horde: LocalHorde, pipelines: RecordingManager, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    passing_safety: Any,
 ) -> None:
     horde.faults.messages("be nice\n2026-01-01 00:00:00 ERROR bridge.daemon: forged\x1b[2J\x07", count=None)
     request = horde.request_generation(SMALL, models=[MODEL])
-    with caplog.at_level(logging.INFO), serving(horde, make_runtime(models=pipelines), [GenerationSource()],
-                                                tmp_path):
+    runtime = make_runtime(models=pipelines, safety=passing_safety)
+    with caplog.at_level(logging.INFO), serving(horde, runtime, [GenerationSource()], tmp_path):
         horde.wait_done([request], timeout=30)
     lines = [r.getMessage() for r in caplog.records if "message from the horde" in r.getMessage()]
     assert lines and all("\n" not in line and "\x1b" not in line and "\x07" not in line for line in lines)
@@ -550,7 +557,7 @@ def test_moderator_messages_cannot_forge_log_lines(
 
 
 def test_a_model_whose_files_fail_to_load_stops_being_advertised(
-    horde: LocalHorde, tiny_reference: Path, tmp_path: Path
+    horde: LocalHorde, tiny_reference: Path, tmp_path: Path, passing_safety: Any
 ) -> None:
     import json
     import shutil
@@ -570,7 +577,8 @@ def test_a_model_whose_files_fail_to_load_stops_being_advertised(
     with LocalHorde(known_models=[MODEL, "tiny-broken"],
                     extra_bridges={BRIDGE_NAME: "AI Horde Worker reGen"}) as local:
         broken = local.request_generation(SMALL, models=["tiny-broken"])
-        with serving(local, make_runtime(models=manager), [GenerationSource()], tmp_path):
+        runtime = make_runtime(models=manager, safety=passing_safety)
+        with serving(local, runtime, [GenerationSource()], tmp_path):
             wait_for(lambda: bool(local.accounting().requeues), what="the broken model's job faulted")
             good = local.request_generation(SMALL, models=[MODEL])
             local.wait_done([good], timeout=30)

@@ -300,6 +300,27 @@ GENERATION_PARAMS = {"width": 192, "height": 192, "steps": 4, "sampler_name": "k
 TOLERANCE_S = 0.05  # thread hand-over between a slot's grant and the ledger's clock read
 
 
+class _LedgerSlot:
+    """A job's run slot, timed from its grant to its release; a gated family waits inside it."""
+
+    def __init__(self, ledger: Ledger, job: Job, slot) -> None:
+        self.ledger, self.job, self.slot = ledger, job, slot
+        self.start = self.end = 0.0
+
+    def __enter__(self):
+        entered = self.slot.__enter__()
+        self.start = time.monotonic()
+        with self.ledger.lock:
+            self.ledger.starts.append((self.job.family, self.start))
+        if self.job.family in self.ledger.gates:
+            self.ledger.gates[self.job.family].wait(20)
+        return entered
+
+    def __exit__(self, *exc_info):
+        self.end = time.monotonic()
+        return self.slot.__exit__(*exc_info)
+
+
 @dataclass
 class Span:
     family: str
@@ -311,7 +332,8 @@ class Span:
 
 
 class Ledger:
-    """Test instrumentation: every job's execute is timed (the job, loop and HTTP are the real ones)."""
+    """Test instrumentation: every job's time in its run slot is recorded (the job, loop and HTTP are the
+    real ones)."""
 
     def __init__(self, gates: dict[str, threading.Event] | None = None) -> None:
         self.gates = gates or {}  # family -> event its jobs wait for, holding their slot, before running
@@ -324,22 +346,19 @@ class Ledger:
         with self.lock:
             self.pops[family].append(time.monotonic())
         for job in jobs:
-            real = job.execute
+            real = job.execute_in_slot
 
-            def timed(runtime, real=real, job=job):
-                start = time.monotonic()
-                with self.lock:
-                    self.starts.append((job.family, start))
-                if job.family in self.gates:
-                    self.gates[job.family].wait(20)
-                submissions = real(runtime)
-                span = Span(job.family, job.timings.popped_at, start - job.timings.queue_wait, start,
-                            time.monotonic(), submissions[0].state)
+            def in_slot(runtime, slot, real=real, job=job):
+                held = _LedgerSlot(self, job, slot)
+                submissions = real(runtime, held)
+                ready = held.start - job.timings.queue_wait
+                state = submissions[0].state
+                span = Span(job.family, job.timings.popped_at, ready, held.start, held.end, state)
                 with self.lock:
                     self.spans.append(span)
                 return submissions
 
-            job.execute = timed
+            job.execute_in_slot = in_slot
         return jobs
 
     def next_start(self, family: str, timeout: float = 20.0) -> None:
@@ -400,7 +419,7 @@ def served(tmp_path_factory) -> Iterator[SimpleNamespace]:
     generation_bytes = bytes_on_disk(manager.files_dir(MODEL) / f.path for f in record.files)
     yield SimpleNamespace(manager=manager, interrogators=interrogators, cache=cache,
                           generation_bytes=generation_bytes,
-                          form_bytes=bytes_on_disk([Path(interrogators.nsfw.folder)]))
+                          form_bytes=bytes_on_disk([Path(interrogators.safety.embedder.folder)]))
     torch.set_num_threads(threads)
 
 
@@ -416,7 +435,8 @@ def start(horde: LocalHorde, served, tmp_path: Path, ledger: Ledger, *, devices=
                            **settings}, environ={}).config
     fetcher = SourceFetcher(timeout=2.0, allow_private=True)  # the local horde is on loopback
     runtime = Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher,
-                      models=served.manager, interrogators=served.interrogators, cache=served.cache)
+                      models=served.manager, interrogators=served.interrogators, cache=served.cache,
+                      safety=served.interrogators.safety)  # the nsfw form's pass checks the images too
     client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="test:1:none", timeout=5.0,
                          retry=RetryPolicy(base_delay=0.01, max_delay=0.05))
     sources = [WatchedGeneration(ledger), WatchedAlchemy(ledger)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -33,12 +34,13 @@ class ControlStack:
     models: ModelManager
     controlnets: ControlNets
     home: Path
+    safety: Any = None  # a generation's safety pass: the daemon pops no generation without one
 
     def runtime(self, **config: object) -> Runtime:
         settings = {"max_power": 8, "allow_controlnet": True, **config}
         fetcher = SourceFetcher(allow_private=True)  # the local horde is on loopback
         return Runtime(config=BridgeConfig(**settings), device=DevicePolicy.cpu(), fetcher=fetcher,
-                       models=self.models, controlnets=self.controlnets)
+                       models=self.models, controlnets=self.controlnets, safety=self.safety)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,8 +83,9 @@ def make_stack(tiny_models_json: Path, tiny_controlnets: dict[str, Path], root: 
 
 @pytest.fixture(scope="session")
 def stack(tiny_models_json: Path, tiny_controlnets: dict[str, Path],
-          tmp_path_factory: pytest.TempPathFactory) -> ControlStack:
+          tmp_path_factory: pytest.TempPathFactory, passing_safety: Any) -> ControlStack:
     built = make_stack(tiny_models_json, tiny_controlnets, tmp_path_factory.mktemp("cn-stack"))
+    built.safety = passing_safety
     assert built.models.ready_models() == list(CONTROL_MODELS)
     return built
 

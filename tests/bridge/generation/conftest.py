@@ -71,21 +71,6 @@ def pipelines(tiny_reference: Path) -> RecordingManager:
     return manager
 
 
-@pytest.fixture(scope="session")
-def safety_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny safety-pass models (split CLIP, DeepDanbooru, aesthetic) and SD checkers, built once."""
-    from interrogators.tiny import build_tiny_interrogators
-
-    dest = tmp_path_factory.mktemp("gen-safety")
-    build_tiny_interrogators(dest)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def safety_cache() -> ModelCache:
-    return ModelCache(DevicePolicy.cpu(), ram_budget_bytes=512 * 2**20)
-
-
 @pytest.fixture()
 def safety(safety_models: Path, safety_cache: ModelCache, tmp_path: Path) -> Any:
     """The real safety pass on the split tiny CLIP: finds nothing until a test places concepts

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image
 
 from bridge.api_models import GenerationPayload
+from bridge.generation.censor import check_images
 from bridge.generation.masks import fit_to, prepare_sources
 from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import run_generation
@@ -121,18 +122,22 @@ def test_image_is_control_skips_the_annotator_and_is_the_bare_controlnet_call(
 
 
 def test_return_control_map_delivers_the_map_after_the_safety_pass(
-    stack: ControlStack, picture: Image.Image, safety_checkers: dict
+    stack: ControlStack, picture: Image.Image, safety: Any, safety_checkers: dict
 ) -> None:
     result = run(stack, SD1, picture, control_type="canny", return_control_map=True, n_iter=2)
     expected = stack.controlnets.annotate(BY_NAME["canny"], picture)
     assert [r.image.tobytes() for r in result.images] == [expected.tobytes()] * 2
     assert result.control.returned_map and "return_control_map" in result.control.features
+    # The map is what gets delivered, so it is what the safety step checks and censors.
     request, sources, _ = request_for(stack, SD1, picture, control_type="canny", return_control_map=True,
                                       use_nsfw_censor=True)
-    runtime = stack.runtime()
-    runtime.safety = safety_checkers["flags"]
+    runtime = stack.runtime(sd_safety_checker=True)
+    runtime.safety, runtime.sd_safety_checker = safety, safety_checkers["flags"]
     censored = run_generation(runtime, request, sources)
+    assert censored.images[0].original.tobytes() == expected.tobytes()
+    check_images(runtime, request, censored.images)
     assert censored.images[0].state == "censored"
+    assert censored.images[0].image.tobytes() != expected.tobytes()
 
 
 def test_img2img_with_control_and_sd2_diff_controlnet(stack: ControlStack, picture: Image.Image) -> None:
