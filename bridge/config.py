@@ -38,7 +38,7 @@ KNOWN_FORMS = (
     "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
     "4x_AnimeSharp", "CodeFormers", "strip_background",
 )  # fmt: skip
-INTERROGATOR_FORM_NAMES = ("caption", "interrogation", "nsfw")
+INTERROGATOR_FORM_NAMES = ("caption", "interrogation", "nsfw", "aesthetic")
 # `post-process` in a peer's forms list (the legacy worker's and reGen's template default) means every
 # post-processor form served here; tests tie this to postprocessors.ORDER. It is never sent as a form name.
 POST_PROCESS_ALIAS = "post-process"

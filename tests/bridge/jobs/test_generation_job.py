@@ -28,8 +28,6 @@ tiny_reference = generation_fixtures.tiny_reference
 pipelines = generation_fixtures.pipelines
 source_image = generation_fixtures.source_image
 one_torch_thread = generation_fixtures.one_torch_thread
-safety_models = generation_fixtures.safety_models
-safety_cache = generation_fixtures.safety_cache
 safety = generation_fixtures.safety
 
 SD1 = "tiny-sd1-diffusers"
