@@ -193,8 +193,8 @@ def test_cpu_alchemist_on_a_16_gb_machine_warms_and_serves_its_three_interrogato
         interrogators = worker.runtime.interrogators
         assert interrogators.ready_forms() == ["caption", "interrogation", "nsfw"]
         cache = worker.runtime.admission.cache
-        # Warmed at start, and small enough for the soft budget: all their models stay loaded between forms
-        # (nsfw is the safety pass, on the interrogation form's CLIP).
+        # Warmed at start, and small enough for the soft budget: all their models stay loaded between
+        # forms (nsfw is the safety pass, on the interrogation form's CLIP).
         needed = {interrogators.caption.key, interrogators.interrogation.key, interrogators.safety.embedder.key}
         assert needed <= set(cache.resident()) and not cache.evictions
         assert machine.held("ram") == cache.used_bytes()
