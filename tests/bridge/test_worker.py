@@ -195,7 +195,8 @@ def test_cpu_alchemist_on_a_16_gb_machine_warms_and_serves_its_three_interrogato
         cache = worker.runtime.admission.cache
         # Warmed at start, and small enough for the soft budget: all their models stay loaded between
         # forms (nsfw is the safety pass, on the interrogation form's CLIP).
-        needed = {interrogators.caption.key, interrogators.interrogation.key, interrogators.safety.embedder.key}
+        needed = {interrogators.caption.key, interrogators.interrogation.key,
+                  interrogators.safety.embedder.key}
         assert needed <= set(cache.resident()) and not cache.evictions
         assert machine.held("ram") == cache.used_bytes()
         ids = [horde.request_interrogation(horde.host_image(webp(color), f"{color}.webp"),
