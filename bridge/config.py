@@ -18,23 +18,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bridge import horde_names
+
 ANONYMOUS_API_KEY = "0000000000"
 BRIDGE_NAME = "horde-bridge-py"
 BRIDGE_VERSION = "0.1.0"
 BRIDGE_URL = "https://github.com/horde-bridge-py/horde-bridge-py"
 DEFAULT_BRIDGE_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
 # The names the horde grants capabilities to (img2img, inpainting, post-processing, r2 sources...).
-RECOGNISED_BRIDGE_NAMES = (
-    "AI Horde Worker reGen",
-    "AI Horde Worker",
-    "SD-WebUI Stable Horde Worker Bridge",
-    "HordeAutoWebBridge",
-)
-KNOWN_FORMS = (
-    "caption", "interrogation", "nsfw",
-    "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
-    "4x_AnimeSharp", "CodeFormers", "strip_background",
-)  # fmt: skip
+RECOGNISED_BRIDGE_NAMES = horde_names.BRIDGE_NAMES
+# Forms the `forms` key may name: the horde's (bridge/horde_names.py). Others are dropped with a warning.
+KNOWN_FORMS = horde_names.FORMS
 # The format models.cache.leave_free_bytes computes with: "80%" of the total, or megabytes ("4096", "4096MB").
 _MEMORY_SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|mb|mib|m)?\s*$", re.IGNORECASE)
 
@@ -150,14 +144,6 @@ class BridgeConfig(BaseModel):
             raise ValueError("expected a percentage like '80%' or megabytes like 4096")
         return text.strip()
 
-    @field_validator("forms")
-    @classmethod
-    def _known_forms(cls, value: list[str]) -> list[str]:
-        unknown = [form for form in value if form not in KNOWN_FORMS]
-        if unknown:
-            raise ValueError(f"unknown form(s) {unknown}; allowed: {', '.join(KNOWN_FORMS)}")
-        return value
-
     @field_validator("horde_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -187,6 +173,16 @@ def api_base(config: BridgeConfig) -> str:
 def max_pixels(config: BridgeConfig) -> int:
     """The legacy rule: max_power 8 is 512x512."""
     return 64 * 64 * 8 * config.max_power
+
+
+def configured_forms(config: BridgeConfig) -> list[str]:
+    """The `forms` the worker may offer: names the horde knows, each once, in the operator's order. An
+    unknown name is dropped (semantic_warnings says so) rather than stopping the worker or failing a pop."""
+    return [form for form in dict.fromkeys(config.forms) if form in KNOWN_FORMS]
+
+
+def unknown_forms(config: BridgeConfig) -> list[str]:
+    return [form for form in dict.fromkeys(config.forms) if form not in KNOWN_FORMS]
 
 
 def dreamer_name(config: BridgeConfig) -> str:
@@ -321,6 +317,11 @@ def semantic_warnings(config: BridgeConfig) -> list[str]:
             and config.alchemist is not False:
         warnings.append("the image worker's name (dreamer_name / worker_name) equals alchemist_name: "
                         "the horde needs distinct names when both run")
+    if unknown_forms(config):
+        warnings.append(
+            f"forms: {', '.join(repr(f) for f in unknown_forms(config))} dropped: not a form the horde "
+            f"knows (known: {', '.join(KNOWN_FORMS)})"
+        )
     for key, why in NOT_ACTED_ON.items():
         if getattr(config, key) != BridgeConfig.model_fields[key].default:
             warnings.append(f"{key} is set but not acted on yet: {why}")

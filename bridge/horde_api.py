@@ -160,6 +160,10 @@ class HordeClient:
         path = f"workers/{quote(worker_id, safe='')}"
         self._call("PUT", path, endpoint="workers", json={"maintenance": maintenance}, parse=_dict)
 
+    def swagger(self) -> dict:
+        """The server's published API description (flask-restx serves it at /api/swagger.json)."""
+        return self._call("GET", "swagger.json", endpoint="swagger", parse=_dict, root="api")
+
     def heartbeat(self) -> dict:
         return self._call("GET", "status/heartbeat", parse=_dict)
 
@@ -208,9 +212,10 @@ class HordeClient:
         parse: Callable[[Any], T],
         endpoint: str | None = None,
         json: Any = None,
+        root: str = "api/v2",
     ) -> T:
         endpoint = endpoint or path
-        url = f"{self.base_url}/api/v2/{path}"
+        url = f"{self.base_url}/{root}/{path}"
 
         def attempt() -> T:
             started = time.monotonic()

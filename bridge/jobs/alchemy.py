@@ -17,8 +17,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from bridge import horde_names
+from bridge.accepted_names import AcceptedNames, AcceptedNamesCache, refused_forms
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
+from bridge.config import configured_forms
+from bridge.errors import HordeError
 from bridge.images import RESULT_QUALITY, encode_webp
+from bridge.jobs import weightless
 from bridge.jobs.base import Job, JobSource, Submission
 from bridge.sources import SourceImageError
 
@@ -33,7 +38,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # default (80 tiles: a 4.5-megapixel source x4) takes minutes per form on a CPU; 16 tiles (a 2048x2048
 # source) keeps an x4 upscale within the form's TTL on a few cores.
 DEFAULT_MAX_TILES = 16
-INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw")
+INTERROGATOR_FORMS = horde_names.INTERROGATOR_FORMS
 
 
 class AlchemyJob(Job):
@@ -164,6 +169,27 @@ class PostProcessJob(AlchemyJob):
         return self.ok({self.form.form: "R2"}, image=data, upload_url=self.form.r2_upload)
 
 
+class WeightlessJob(AlchemyJob):
+    """vectorize, palette, describe: `{form: compute(image)}` from an image library, no weights."""
+
+    compute: ClassVar[Any]
+
+    def run(self, runtime: Runtime, image: Image.Image) -> Submission:
+        return self.ok({self.form.form: type(self).compute(image)})
+
+
+class VectorizeJob(WeightlessJob):
+    compute = staticmethod(weightless.vectorize)
+
+
+class PaletteJob(WeightlessJob):
+    compute = staticmethod(weightless.palette)
+
+
+class DescribeJob(WeightlessJob):
+    compute = staticmethod(weightless.describe)
+
+
 class UnservableJob(AlchemyJob):
     """A form the horde handed out that this worker cannot run: faulted back without downloading."""
 
@@ -175,10 +201,14 @@ class UnservableJob(AlchemyJob):
         raise AssertionError("an unservable form never runs")  # execute faults before reaching run
 
 
+# Post-processor forms all run as PostProcessJob (see job_for).
 FORM_JOBS: dict[str, type[AlchemyJob]] = {
     "caption": CaptionJob,
     "interrogation": InterrogationJob,
     "nsfw": NsfwJob,
+    "vectorize": VectorizeJob,
+    "palette": PaletteJob,
+    "describe": DescribeJob,
 }
 
 
@@ -194,11 +224,12 @@ def _float_or_none(value: Any) -> float | None:
 def servable_forms(runtime: Runtime) -> set[str]:
     """Forms this worker has ready now: interrogators whose models are present, post-processors whose
     weights are present."""
-    forms: set[str] = set()
+    forms: set[str] = set(weightless.available_forms())
     if runtime.interrogators is not None:
         forms.update(runtime.interrogators.ready_forms())
     if runtime.postprocessors is not None:
-        forms.update(name for name in runtime.postprocessors.available() if name not in INTERROGATOR_FORMS)
+        available = runtime.postprocessors.available()
+        forms.update(name for name in available if name in horde_names.POST_PROCESSORS)
     return forms
 
 
@@ -207,19 +238,29 @@ class AlchemySource(JobSource):
 
     name: ClassVar[str] = "alchemy"
 
-    def __init__(self, *, max_tiles: int = DEFAULT_MAX_TILES) -> None:
+    def __init__(
+        self, *, max_tiles: int = DEFAULT_MAX_TILES, accepted: AcceptedNamesCache | None = None
+    ) -> None:
         self.max_tiles = max_tiles
+        self.accepted = accepted or AcceptedNamesCache()
         self._unready_logged: tuple[str, ...] | None = None
+        self._refused_logged: tuple[str, ...] | None = None
 
-    def ready_forms(self, runtime: Runtime) -> list[str]:
-        """The configured forms (config `forms`, in its order) that are servable now."""
+    def ready_forms(self, runtime: Runtime, accepted: AcceptedNames | None = None) -> list[str]:
+        """The configured forms (config `forms`, in its order) that are servable now and that the server
+        accepts (`accepted`, from its API description; None: not checked)."""
         servable = servable_forms(runtime)
-        configured: Sequence[str] = runtime.config.forms
+        configured: Sequence[str] = configured_forms(runtime.config)
         missing = tuple(f for f in configured if f not in servable)
         if missing and missing != self._unready_logged:
             logger.warning("alchemy forms not offered (model or weights missing): %s", ", ".join(missing))
         self._unready_logged = missing
-        return [form for form in dict.fromkeys(configured) if form in servable]
+        refused = tuple(f for f in configured if accepted is not None and f not in accepted.forms)
+        if refused and refused != self._refused_logged:
+            logger.warning("alchemy forms not offered: the horde's API description does not list %s",
+                           ", ".join(refused))
+        self._refused_logged = refused
+        return [form for form in configured if form in servable and form not in refused]
 
     def ready(self, runtime: Runtime) -> bool:
         return bool(self.ready_forms(runtime))
@@ -237,11 +278,23 @@ class AlchemySource(JobSource):
         )
 
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[AlchemyJob]:
-        forms = self.ready_forms(runtime)
-        # An empty `forms` means ["caption"] to the horde: never pop without a form we can serve.
-        if not forms or capacity <= 0:
+        if capacity <= 0 or not self.ready_forms(runtime):
             return []
-        reply = client.pop_interrogation(self.request(runtime, forms, capacity))
+        forms = self.ready_forms(runtime, self.accepted.current(client))
+        # An empty `forms` means ["caption"] to the horde: never pop without a form we can serve.
+        if not forms:
+            return []
+        try:
+            reply = client.pop_interrogation(self.request(runtime, forms, capacity))
+        except HordeError as err:
+            refused = refused_forms(err, forms)
+            if refused is None:
+                raise
+            # A name the server no longer accepts must cost this one pop, not stop the worker.
+            logger.warning("the horde refused the pop over form name(s) %s: not offering them; re-reading "
+                           "its API description (%s)", ", ".join(refused) or "(unnamed)", err.errors)
+            self.accepted.reload(refused)
+            return []
         if reply.is_idle:
             if reply.skipped:
                 logger.debug("no alchemy form for us; skipped: %s", reply.skipped)
@@ -252,5 +305,9 @@ class AlchemySource(JobSource):
     def job_for(form: AlchemyForm, ready: Sequence[str]) -> AlchemyJob:
         if form.form not in ready:
             return UnservableJob(form, f"form {form.form!r} is not served by this worker")
-        job_class = FORM_JOBS.get(form.form, PostProcessJob)
+        if form.form in horde_names.POST_PROCESSORS:
+            return PostProcessJob(form)
+        job_class = FORM_JOBS.get(form.form)
+        if job_class is None:
+            return UnservableJob(form, f"form {form.form!r} has no job class on this worker")
         return job_class(form)

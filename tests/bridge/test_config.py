@@ -17,6 +17,7 @@ from bridge.config import (
     ConfigError,
     api_base,
     build_config,
+    configured_forms,
     dreamer_name,
     load_config,
     max_pixels,
@@ -116,7 +117,7 @@ def test_api_key_from_environment_and_horde_url_variable():
         ("max_threads", 0),
         ("max_power", 1),
         ("nsfw", "perhaps"),
-        ("forms", ["caption", "painting"]),
+        ("forms", "caption"),
         ("ram_to_leave_free", "lots"),
         ("horde_url", "ftp://example"),
         ("priority_usernames", ["nohash"]),
@@ -129,6 +130,13 @@ def test_each_validation_error_names_its_key(key, value):
     assert len(caught.value.lines) == 1
     assert caught.value.lines[0].startswith(f"{key}:")
     assert "not allowed" in caught.value.lines[0]
+
+
+def test_an_unknown_form_is_dropped_with_one_line_not_a_stop():
+    loaded = build_config({"forms": ["caption", "painting", "caption", "vectorize"]}, environ={})
+    assert configured_forms(loaded.config) == ["caption", "vectorize"]
+    [line] = [w for w in loaded.warnings if w.startswith("forms:")]
+    assert "'painting' dropped" in line
 
 
 def test_unknown_keys_warned_and_legacy_keys_listed():
