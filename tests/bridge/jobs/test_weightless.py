@@ -1,4 +1,4 @@
-"""vectorize, palette, describe: result shapes, and the forms end to end through the daemon and local horde."""
+"""vectorize, palette, describe: result shapes, and the forms end to end via the daemon and local horde."""
 
 from __future__ import annotations
 
