@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge import horde_names
 from bridge.config import (
     BRIDGE_NAME,
     BRIDGE_URL,
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
 STRIP_BACKGROUND_REFERENCE = Path(__file__).resolve().parents[1] / "postprocessors" / "strip_background.json"
+# The eight post-processors the horde added at bridge v13: not in the horde's reference files yet.
+V13_POSTPROCESSORS_REFERENCE = STRIP_BACKGROUND_REFERENCE.with_name("horde_v13.json")
 
 
 @dataclass
@@ -72,12 +75,12 @@ def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[
 
 
 def load_reference(config: BridgeConfig, reference_files: Sequence[Path] = (), upstream: bool = True):
-    """The horde's reference plus the bridge's own entries (interrogation models, strip_background) and
-    the operator's custom files."""
+    """The horde's reference plus the bridge's own entries (interrogation models, strip_background, the
+    bridge-v13 post-processors) and the operator's custom files."""
     from interrogators.reference import REFERENCE_PATH as INTERROGATOR_REFERENCE
     from models.reference import ModelReference
 
-    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE]
+    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE, V13_POSTPROCESSORS_REFERENCE]
     extra += [Path(p) for p in config.custom_model_reference] + list(reference_files)
     return ModelReference.load(cache_dir=Path(config.cache_home) / "reference", extra_files=extra,
                                **({} if upstream else {"upstream": None}))
@@ -110,7 +113,7 @@ def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
     if plan.alchemist:
         by_form = {"caption": CAPTION_LARGE, "interrogation": CLIP_L14, "nsfw": SAFETY_CHECKER}
         wanted += [by_form.get(form, form) for form in config.forms]
-    if "CodeFormers" in wanted:
+    if any(name in wanted for name in horde_names.FACE_FIXERS):
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
     records = []
     for name in dict.fromkeys(wanted):
