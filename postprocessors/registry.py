@@ -41,8 +41,8 @@ class PostProcessorRegistry:
     """All post-processors of this worker, built lazily, weights loaded through the shared ModelCache.
 
     Weights live under `weights_dir`: esrgan/<file> for upscalers, gfpgan/GFPGANv1.4.pth (and
-    GFPGANv1.3.pth, RestoreFormer.pth), codeformer/CodeFormers.pth, rembg/u2net.pth; the face detector and parser (facexlib) in facexlib/ or, as
-    gfpgan.json lists them with GFPGAN, in gfpgan/.
+    GFPGANv1.3.pth, RestoreFormer.pth), codeformer/CodeFormers.pth, rembg/u2net.pth; the face detector
+    and parser (facexlib) in facexlib/ or, as gfpgan.json lists them with GFPGAN, in gfpgan/.
     """
 
     def __init__(

@@ -110,7 +110,8 @@ def _v13_upscaler_files() -> dict[str, tuple[str, str, Callable[[], Any]]]:
         "4xNomos2_realplksr_dysample": ("realplksr", "4xNomos2_realplksr_dysample.pth",
                                         lambda: neosr_file(realplksr_state_dict(dysample=True))),
         "4xNomos2_hq_dat2": ("dat", "4xNomos2_hq_dat2.pth", lambda: neosr_file(dat2_state_dict())),
-        "2xModernSpanimationV1": ("span", "2x_ModernSpanimationV1.pth", lambda: neosr_file(span_state_dict())),
+        "2xModernSpanimationV1": ("span", "2x_ModernSpanimationV1.pth",
+                                  lambda: neosr_file(span_state_dict())),
     }  # fmt: skip
 
 
@@ -196,15 +197,13 @@ def u2net_state_dict() -> dict[str, torch.Tensor]:
 # category -> horde name -> (record type, {file name: state dict factory})
 def _recipe() -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
     esrgan = _esrgan_files()
+    v1 = {
+        name.removesuffix(".pth"): ("realesrgan" if name.startswith("Real") else "esrgan", {name: build})
+        for name, build in esrgan.items()
+    }
     v13 = {name: (kind, {file: build}) for name, (kind, file, build) in _v13_upscaler_files().items()}
     return {
-        "esrgan": {
-            **{
-                name.removesuffix(".pth"): ("realesrgan" if name.startswith("Real") else "esrgan", {name: build})
-                for name, build in esrgan.items()
-            },
-            **v13,
-        },
+        "esrgan": {**v1, **v13},
         "gfpgan": {
             "GFPGAN": (
                 "gfpgan",

@@ -1,5 +1,6 @@
-"""The eight post-processors of the horde's bridge v13: files in their real layouts (random weights), loaded by
-spandrel, upscaling a tile / restoring a face through the same code as the others; their reference records."""
+"""The eight post-processors of the horde's bridge v13: files in their real layouts (random weights), loaded
+by spandrel, upscaling a tile / restoring a face through the same code as the others; their reference records.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ V13_UPSCALERS = {
     "4xNomosWebPhoto_RealPLKSR": ("PLKSR", "4xNomosWebPhoto_RealPLKSR.pth", ["16dim", "2nb", "17ks", "Real"]),
     "4xNomos2_realplksr_dysample": ("PLKSR", "4xNomos2_realplksr_dysample.pth",
                                     ["16dim", "2nb", "17ks", "Real", "DySample"]),
-    "4xNomos2_hq_dat2": ("DAT", "4xNomos2_hq_dat2.pth", ["light", "s64|8x32", "64nf", "24dim", "2.0ef", "1conv"]),
+    "4xNomos2_hq_dat2": ("DAT", "4xNomos2_hq_dat2.pth",
+                         ["light", "s64|8x32", "64nf", "24dim", "2.0ef", "1conv"]),
     "2xModernSpanimationV1": ("SPAN", "2x_ModernSpanimationV1.pth", ["16nf"]),
 }  # fmt: skip
 REFERENCE = Path(__file__).resolve().parents[2] / "postprocessors" / "horde_v13.json"
@@ -112,7 +114,8 @@ def test_restoreformer_file_layout(weights_dir: Path) -> None:
     stored = torch.load(weights_dir / "gfpgan" / "RestoreFormer.pth", weights_only=True)
     assert list(stored) == ["params_ema"]
     assert {"encoder.conv_in.weight", "quantize.embedding.weight"} <= set(stored["params_ema"])
-    assert load_spandrel(weights_dir / "gfpgan" / "RestoreFormer.pth", architecture="RestoreFormer").scale == 1
+    model = load_spandrel(weights_dir / "gfpgan" / "RestoreFormer.pth", architecture="RestoreFormer")
+    assert model.scale == 1
 
 
 def test_all_sixteen_names_are_served_and_ordered_by_kind(registry: PostProcessorRegistry) -> None:
