@@ -37,7 +37,7 @@ def test_the_local_horde_copy_is_the_servers_list() -> None:
     """The stand-in server keeps its own copy (it must refuse what the real server refuses, whatever the
     worker believes); it is the same list."""
     assert schema.POST_PROCESSORS == horde_names.POST_PROCESSORS
-    assert schema.POST_PROCESSORS_V13 == horde_names.POST_PROCESSORS[8:]
+    assert horde_names.POST_PROCESSORS[8:] == schema.POST_PROCESSORS_V13
     assert schema.ALCHEMY_FORMS == horde_names.FORMS
     assert schema.SOURCE_PROCESSING == horde_names.SOURCE_PROCESSING
     assert set(schema.NON_UPSCALERS) == {*horde_names.FACE_FIXERS, *horde_names.BACKGROUND_REMOVERS}
