@@ -1,4 +1,4 @@
-"""The horde's names are defined once (bridge/horde_names.py): every copy that has to exist is tied to it here."""
+"""The horde's names are defined once (bridge/horde_names.py): each copy that must exist is tied to it."""
 
 from __future__ import annotations
 
