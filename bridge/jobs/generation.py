@@ -90,8 +90,9 @@ class GenerationJob(Job):
         record = self._record(runtime)
         if record is None:
             return self.fault(f"model {self.pop.model!r} is not served by this worker")
+        target = (self.pop.payload.width, self.pop.payload.height)
         sources, kind, source_subs = prepare_sources(
-            self.fetched.image, self.fetched.mask, self.pop.source_processing
+            self.fetched.image, self.fetched.mask, self.pop.source_processing, target
         )
         if self.pop.extra_source_images:
             count, why = len(self.pop.extra_source_images), "not supported: not used"
