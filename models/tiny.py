@@ -204,7 +204,9 @@ def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
     }
     if kind in ("sdxl", "sdxl-inpainting"):
         inpainting = kind == "sdxl-inpainting"
-        cls = diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
+        cls = diffusers.StableDiffusionXLPipeline
+        if inpainting:
+            cls = diffusers.StableDiffusionXLInpaintPipeline
         extra = {"requires_aesthetics_score": False} if inpainting else {}
         return cls(
             unet=_sdxl_unet(9 if inpainting else 4),

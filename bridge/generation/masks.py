@@ -59,9 +59,9 @@ def prepare_sources(
     if processing == "outpainting" and target is not None:
         extended = extend_for_outpainting(rgb, used_mask, target)
         if extended is not None:
-            subs.append(Substitution("source_image", f"{rgb.width}x{rgb.height}",
-                                     f"{extended[0].width}x{extended[0].height}",
-                                     "extended to the asked shape for outpainting; the border is painted"))  # fmt: skip
+            why = "extended to the asked shape for outpainting; the border is painted"
+            size = f"{extended[0].width}x{extended[0].height}"
+            subs.append(Substitution("source_image", f"{rgb.width}x{rgb.height}", size, why))
             rgb, used_mask = extended
             kind = "extended"
     return SourceImages(rgb, used_mask), SourceKind(processing=processing or "img2img", mask=kind), subs

@@ -132,7 +132,8 @@ def test_img2img_on_sdxl(served: Any) -> None:
     _, runtime = served
     source = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
     before = len(runtime.models.calls)
-    [gen] = generate(served, {"denoising_strength": 0.6}, source_image=webp(source), source_processing="img2img")
+    [gen] = generate(served, {"denoising_strength": 0.6}, source_image=webp(source),
+                     source_processing="img2img")  # fmt: skip
     assert size_of(image_of(served, gen)) == (64, 64)
     assert not [m for m in gen["gen_metadata"] if m["type"] in ("source_image", "information")]
     assert pipelines_used(runtime, before) == [StableDiffusionXLImg2ImgPipeline]
@@ -178,7 +179,7 @@ def test_hires_fix_second_pass_on_sdxl(xl_models: RecordingManager) -> None:
     rule that turns them on above 1024 per side is checked through the daemon in the slow test below."""
     runtime = make_runtime(xl_models, max_power=40)
     record = xl_models.record(XL)
-    payload = GenerationPayload(prompt="a hill", seed=5, width=64, height=64, ddim_steps=2, sampler_name="k_euler")
+    payload = GenerationPayload(prompt="a hill", seed=5, width=64, height=64, ddim_steps=2)
     request, _ = build_request(payload, record, SourceKind(), WorkerLimits(1 << 20))
     request = replace(request, width=128, height=96, hires_fix=True, first_pass=(64, 64))
     before = len(xl_models.calls)
