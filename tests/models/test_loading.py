@@ -311,7 +311,8 @@ def test_real_shape_sdxl_single_file_is_recognised_and_maps_onto_the_shipped_con
     record = ModelRecord(name="an SDXL model", baseline="stable_diffusion_xl", inpainting=in_channels == 9)
     assert select_family(record, checkpoint) == family
     assert single_file_utils.infer_diffusers_model_type(state) == model_type
-    for converted, module in ((single_file_utils.convert_ldm_unet_checkpoint(state, unet.config), unet),
-                              (single_file_utils.convert_ldm_vae_checkpoint(state, vae.config), vae)):  # fmt: skip
+    converted_unet = single_file_utils.convert_ldm_unet_checkpoint(state, unet.config)
+    converted_vae = single_file_utils.convert_ldm_vae_checkpoint(state, vae.config)
+    for converted, module in ((converted_unet, unet), (converted_vae, vae)):
         expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
         assert {key: tuple(value.shape) for key, value in converted.items()} == expected
