@@ -22,6 +22,7 @@ from bridge.accepted_names import AcceptedNames, AcceptedNamesCache, refused_for
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
 from bridge.config import configured_forms
 from bridge.errors import HordeError
+from bridge.identity import WithheldReport
 from bridge.images import RESULT_QUALITY, encode_webp
 from bridge.jobs import weightless
 from bridge.jobs.base import Job, JobSource, Submission
@@ -243,6 +244,7 @@ class AlchemySource(JobSource):
     ) -> None:
         self.max_tiles = max_tiles
         self.accepted = accepted or AcceptedNamesCache()
+        self.withheld = WithheldReport()
         self._unready_logged: tuple[str, ...] | None = None
         self._refused_logged: tuple[str, ...] | None = None
 
@@ -298,6 +300,7 @@ class AlchemySource(JobSource):
         if reply.is_idle:
             if reply.skipped:
                 logger.debug("no alchemy form for us; skipped: %s", reply.skipped)
+                self.withheld.observe(reply.skipped, runtime.config)
             return []
         return [self.job_for(form, forms) for form in reply.forms]
 

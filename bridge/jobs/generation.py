@@ -25,6 +25,7 @@ from bridge.generation.masks import prepare_sources
 from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, run_generation
 from bridge.generation.substitutions import Substitution, cap_metadata, information
+from bridge.identity import WithheldReport
 from bridge.images import encode_webp, encode_webp_base64
 from bridge.jobs.base import Job, JobSource, Submission
 from bridge.sources import SourceImageError
@@ -188,6 +189,9 @@ class GenerationJob(Job):
 class GenerationSource(JobSource):
     name = "generation"
 
+    def __init__(self) -> None:
+        self.withheld = WithheldReport()
+
     def ready(self, runtime: Runtime) -> bool:
         return runtime.models is not None and bool(runtime.models.ready_models())
 
@@ -200,6 +204,7 @@ class GenerationSource(JobSource):
         if reply.is_idle:
             if reply.skipped:
                 logger.debug("no job; skipped: %s", reply.skipped)
+                self.withheld.observe(reply.skipped, runtime.config)
             return []
         return [GenerationJob(reply)]
 
