@@ -69,8 +69,8 @@ class WithheldReport:
         if is_recognised(config):
             line += "Your bridge_agent version may be too old for them."
         else:
-            line += (f"It grants them only to the bridge names of its table ({', '.join(RECOGNISED_BRIDGE_NAMES)}); "
-                     f"see {DOC}")  # fmt: skip
+            names = ", ".join(RECOGNISED_BRIDGE_NAMES)
+            line += f"It grants them only to the bridge names of its table ({names}); see {DOC}"
         logger.warning("%s", line)
         return line
 
@@ -84,10 +84,12 @@ def bridge_agent_lines(config: BridgeConfig) -> list[str]:
         "offers this worker (its bridge table) and pays 1x / 0.9x (an older version) to the names it knows",
     ]
     if name == BRIDGE_NAME:
-        lines.append(f"{name!r} is this worker's own name (the default), so the horde knows exactly what runs")
+        lines.append(f"{name!r} is this worker's own name (the default): the horde knows what runs")
     if is_recognised(config):
-        lines.append(f"{name!r} is in the horde's bridge table: it is offered what that bridge's version may run; "
-                     "say it only if this worker serves those jobs as that bridge would")  # fmt: skip
+        lines.append(
+            f"{name!r} is in the horde's bridge table: it is offered what that bridge's version may run; "
+            "say it only if this worker serves those jobs as that bridge would"
+        )
     else:
         lines.append(
             f"{name!r} is not in the horde's bridge table ({', '.join(RECOGNISED_BRIDGE_NAMES)}): the horde "
