@@ -52,8 +52,8 @@ def test_the_first_pops_tell_the_operator_what_the_horde_withholds(tiny_referenc
         runtime = make_runtime(manager, api_key=DEFAULT_API_KEY, dreamer_name="identity-worker")
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="identity-tests:0:none")
         source = GenerationSource()
-        daemon = Daemon(client=client, runtime=runtime, sources=[source],
-                        journal=Journal(tmp_path / "j.json"), timings=LoopTimings(idle_poll_s=0.02))  # fmt: skip
+        journal, timings = Journal(tmp_path / "j.json"), LoopTimings(idle_poll_s=0.02)
+        daemon = Daemon(client=client, runtime=runtime, sources=[source], journal=journal, timings=timings)
         with caplog.at_level(logging.WARNING, logger="bridge.identity"):
             thread = threading.Thread(target=daemon.run, daemon=True)
             thread.start()
