@@ -23,6 +23,7 @@ from bridge.config import (
     BRIDGE_VERSION,
     BridgeConfig,
     api_base,
+    configured_forms,
     dreamer_name,
     modes,
 )
@@ -112,7 +113,8 @@ def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
             wanted += list(POSTPROCESSORS)
     if plan.alchemist:
         by_form = {"caption": CAPTION_LARGE, "interrogation": CLIP_L14, "nsfw": SAFETY_CHECKER}
-        wanted += [by_form.get(form, form) for form in config.forms]
+        weightless = set(horde_names.WEIGHTLESS_FORMS)
+        wanted += [by_form.get(form, form) for form in configured_forms(config) if form not in weightless]
     if any(name in wanted for name in horde_names.FACE_FIXERS):
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
     records = []
