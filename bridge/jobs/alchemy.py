@@ -257,11 +257,13 @@ class AlchemySource(JobSource):
         if missing and missing != self._unready_logged:
             logger.warning("alchemy forms not offered (model or weights missing): %s", ", ".join(missing))
         self._unready_logged = missing
-        refused = tuple(f for f in configured if accepted is not None and f not in accepted.forms)
-        if refused and refused != self._refused_logged:
-            logger.warning("alchemy forms not offered: the horde's API description does not list %s",
-                           ", ".join(refused))
-        self._refused_logged = refused
+        refused: tuple[str, ...] = ()
+        if accepted is not None:
+            refused = tuple(f for f in configured if f not in accepted.forms)
+            if refused and refused != self._refused_logged:
+                logger.warning("alchemy forms not offered: the horde's API description does not list %s",
+                               ", ".join(refused))
+            self._refused_logged = refused
         return [form for form in configured if form in servable and form not in refused]
 
     def ready(self, runtime: Runtime) -> bool:
