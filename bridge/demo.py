@@ -75,7 +75,7 @@ def build_demo_models(tiny_dir: Path) -> tuple[Path, list[str]]:
 
 def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list[str]) -> BridgeConfig:
     """The operator's settings, pointed at the local horde, serving both job families."""
-    forms = ["caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background"]
+    forms = ["caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background", *DEMO_V13_FORMS]
     return config.model_copy(update={
         "horde_url": horde_url, "api_key": api_key, "models_to_load": models, "models_to_skip": [],
         "dreamer": True, "alchemist": True, "force_cpu_generation": True, "forms": forms,
@@ -83,6 +83,10 @@ def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list
         "dynamic_models": False, "custom_model_reference": [],
         "state_dir": str(Path(config.state_dir) / "demo"),
     })
+
+
+# The weightless forms and one bridge-v13 upscaler (SPAN).
+DEMO_V13_FORMS = ["vectorize", "palette", "describe", "2xModernSpanimationV1"]
 
 
 def post_samples(horde, models: list[str]) -> list[DemoRequest]:
@@ -103,11 +107,16 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
                            source_processing="img2img", params={**base, "denoising_strength": 0.7})),
         ("txt2img + RealESRGAN_x2plus", dict(prompt="a castle", models=[sd],
                                              params={**base, "post_processing": ["RealESRGAN_x2plus"]})),
+        ("SDXL txt2img", dict(prompt="a glacier", models=["tiny-sdxl"], params={**base, "clip_skip": 2})),
+        ("SDXL outpainting", dict(prompt="a wide valley", models=["tiny-sdxl-inpainting"],
+                                  source_image=_webp(sample_image().resize((32, 64))),
+                                  source_processing="outpainting", params={**base, "width": 128})),
     ]
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]
     url = horde.host_image(source, "demo-source.webp")
-    for form in ("caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background"):
+    forms = ("caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background", *DEMO_V13_FORMS)
+    for form in forms:
         requests.append(DemoRequest(form, "alchemy", horde.request_interrogation(url, [form])))
     return requests
 
