@@ -8,7 +8,7 @@ Order of application (as the legacy AI-Horde-Worker and horde-worker-reGen apply
 order of the request:
   1. upscalers: RealESRGAN_x4plus, RealESRGAN_x2plus, RealESRGAN_x4plus_anime_6B, NMKD_Siax, 4x_AnimeSharp,
      4xNomos8kSC, 4xLSDIRplus, 4xNomosWebPhoto_RealPLKSR, 4xNomos2_realplksr_dysample, 4xNomos2_hq_dat2,
-     2xModernSpanimationV1 (in request order among themselves; output exactly x2 / x4, alpha resized alongside);
+     2xModernSpanimationV1 (in request order among themselves; output exactly x2 / x4, alpha resized too);
   2. face fixers: GFPGAN, CodeFormers, GFPGANv1.3, RestoreFormer (on the upscaled image; no face -> unchanged
      + an information entry);
   3. strip_background, last: its transparency would not survive the other steps (RGBA out).
