@@ -19,6 +19,7 @@ from bridge.config import (
     load_config,
     masked_dump,
 )
+from bridge.identity import bridge_agent_lines
 from bridge.logs import setup_logging
 
 log = logging.getLogger("bridge")
@@ -95,6 +96,9 @@ def check_config(loaded: LoadedConfig) -> int:
         print("\n# keys of other workers' files accepted without effect here")
         for key, why in loaded.ignored_legacy_keys.items():
             print(f"- {key}: {why}")
+    print("\n# bridge_agent")
+    for line in bridge_agent_lines(config):
+        print(f"- {line}")
     print("\n# keys accepted but not acted on yet")
     for key, why in NOT_ACTED_ON.items():
         print(f"- {key}: {why}")

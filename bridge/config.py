@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bridge import horde_names
 from bridge.families import FAMILIES
 from bridge.peer_keys import MAPPED_KEYS, PEER_KEYS_WITHOUT_EFFECT
 
@@ -27,22 +28,13 @@ BRIDGE_VERSION = "0.1.0"
 BRIDGE_URL = "https://github.com/horde-bridge-py/horde-bridge-py"
 DEFAULT_BRIDGE_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
 # The names the horde grants capabilities to (img2img, inpainting, post-processing, r2 sources...).
-RECOGNISED_BRIDGE_NAMES = (
-    "AI Horde Worker reGen",
-    "AI Horde Worker",
-    "SD-WebUI Stable Horde Worker Bridge",
-    "HordeAutoWebBridge",
-)
-KNOWN_FORMS = (
-    "caption", "interrogation", "nsfw", "aesthetic",
-    "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
-    "4x_AnimeSharp", "CodeFormers", "strip_background",
-)  # fmt: skip
-INTERROGATOR_FORM_NAMES = ("caption", "interrogation", "nsfw", "aesthetic")
+RECOGNISED_BRIDGE_NAMES = horde_names.BRIDGE_NAMES
+# Forms the `forms` key may name: the horde's (bridge/horde_names.py). Others are dropped with a warning.
+KNOWN_FORMS = horde_names.FORMS
 # `post-process` in a peer's forms list (the legacy worker's and reGen's template default) means every
-# post-processor form served here; tests tie this to postprocessors.ORDER. It is never sent as a form name.
+# post-processor form; tests tie this to postprocessors.ORDER. It is never sent as a form name.
 POST_PROCESS_ALIAS = "post-process"
-POST_PROCESSOR_FORMS = tuple(form for form in KNOWN_FORMS if form not in INTERROGATOR_FORM_NAMES)
+POST_PROCESSOR_FORMS = horde_names.POST_PROCESSORS
 # The names horde workers' templates ship as defaults: a worker that keeps one collides with everyone else's.
 TEMPLATE_WORKER_NAMES = frozenset(
     {"An Awesome AI Horde Worker", "An Awesome Dreamer", "An Awesome Alchemist", "My Awesome Instance"}
@@ -184,23 +176,19 @@ class BridgeConfig(BaseModel):
     @field_validator("forms", mode="before")
     @classmethod
     def _known_forms(cls, value: Any) -> list[str]:
-        """Spellings normalise (reGen lower-cases forms and writes post_process); `post-process` expands."""
+        """Spellings normalise (reGen lower-cases forms and writes post_process); `post-process` expands. A
+        name the horde does not know is kept here and dropped with a warning (`unknown_forms`), so that a
+        name the server adds later never stops the worker."""
         if not isinstance(value, list | tuple):
             raise ValueError("expected a list of form names")
         by_spelling = {_form_key(form): form for form in KNOWN_FORMS}
         forms: list[str] = []
-        unknown = []
         for raw in value:
             key = _form_key(str(raw))
             if key == _form_key(POST_PROCESS_ALIAS):
                 forms.extend(POST_PROCESSOR_FORMS)
-            elif key in by_spelling:
-                forms.append(by_spelling[key])
             else:
-                unknown.append(raw)
-        if unknown:
-            allowed = ", ".join((*KNOWN_FORMS, POST_PROCESS_ALIAS))
-            raise ValueError(f"unknown form(s) {unknown}; allowed: {allowed}")
+                forms.append(by_spelling.get(key, str(raw)))
         return list(dict.fromkeys(forms))
 
     @field_validator("family_shares")
@@ -249,6 +237,16 @@ def api_base(config: BridgeConfig) -> str:
 def max_pixels(config: BridgeConfig) -> int:
     """The legacy rule: max_power 8 is 512x512."""
     return 64 * 64 * 8 * config.max_power
+
+
+def configured_forms(config: BridgeConfig) -> list[str]:
+    """The `forms` the worker may offer: names the horde knows, each once, in the operator's order. An
+    unknown name is dropped (semantic_warnings says so) rather than stopping the worker or failing a pop."""
+    return [form for form in dict.fromkeys(config.forms) if form in KNOWN_FORMS]
+
+
+def unknown_forms(config: BridgeConfig) -> list[str]:
+    return [form for form in dict.fromkeys(config.forms) if form not in KNOWN_FORMS]
 
 
 def dreamer_name(config: BridgeConfig) -> str:
@@ -450,6 +448,11 @@ def semantic_warnings(config: BridgeConfig) -> list[str]:
             and config.alchemist is not False:
         warnings.append("the image worker's name (dreamer_name / worker_name) equals alchemist_name: "
                         "the horde needs distinct names when both run")
+    if unknown_forms(config):
+        warnings.append(
+            f"forms: {', '.join(repr(f) for f in unknown_forms(config))} dropped: not a form the horde "
+            f"knows (known: {', '.join(KNOWN_FORMS)})"
+        )
     for key, why in NOT_ACTED_ON.items():
         if getattr(config, key) != BridgeConfig.model_fields[key].default:
             warnings.append(f"{key} is set but not acted on yet: {why}")

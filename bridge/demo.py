@@ -42,7 +42,9 @@ TINY_INTERROGATORS = {
     "nsfw_model": TINY_SAFETY,
     **TINY_SAFETY_PASS,
 }
-ALCHEMY_FORMS = ("caption", "interrogation", "nsfw", "aesthetic", "RealESRGAN_x2plus", "strip_background")
+# Every interrogator form, two post-processors, the weightless forms and one bridge-v13 upscaler (SPAN).
+ALCHEMY_FORMS = ("caption", "interrogation", "nsfw", "aesthetic", "RealESRGAN_x2plus", "strip_background",
+                 "vectorize", "palette", "describe", "2xModernSpanimationV1")
 
 
 @dataclass
@@ -118,6 +120,10 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
                                   params={**base, "control_type": "canny"})),
         ("controlnet hed map", dict(prompt="a lighthouse", models=[sd], source_image=source,
                                     params={**base, "control_type": "hed", "return_control_map": True})),
+        ("SDXL txt2img", dict(prompt="a glacier", models=["tiny-sdxl"], params={**base, "clip_skip": 2})),
+        ("SDXL outpainting", dict(prompt="a wide valley", models=["tiny-sdxl-inpainting"],
+                                  source_image=_webp(sample_image().resize((32, 64))),
+                                  source_processing="outpainting", params={**base, "width": 128})),
     ]
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]

@@ -179,6 +179,10 @@ class HordeClient:
         path = f"workers/{quote(worker_id, safe='')}"
         self._call("PUT", path, endpoint="workers", json={"maintenance": maintenance}, parse=_dict)
 
+    def swagger(self) -> dict:
+        """The server's published API description (flask-restx serves it at /api/swagger.json)."""
+        return self._call("GET", "swagger.json", endpoint="swagger", parse=_dict, root="api")
+
     def heartbeat(self) -> dict:
         return self._call("GET", "status/heartbeat", parse=_dict)
 
@@ -236,9 +240,10 @@ class HordeClient:
         json: Any = None,
         deadline: float | None = None,
         persist: bool = False,
+        root: str = "api/v2",
     ) -> T:
         endpoint = endpoint or path
-        url = f"{self.base_url}/api/v2/{path}"
+        url = f"{self.base_url}/{root}/{path}"
         if origin(url) != origin(self.base_url):  # a path that is really a URL must not take the key along
             raise ValueError(f"refusing to send the api key outside {self.base_url}")
         secrets = self._secrets(url)

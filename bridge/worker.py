@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge import horde_names
 from bridge.config import (
     BRIDGE_NAME,
     BRIDGE_URL,
     BRIDGE_VERSION,
     BridgeConfig,
     api_base,
+    configured_forms,
     dreamer_name,
     modes,
 )
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
 STRIP_BACKGROUND_REFERENCE = Path(__file__).resolve().parents[1] / "postprocessors" / "strip_background.json"
+# The eight post-processors the horde added at bridge v13: not in the horde's reference files yet.
+V13_POSTPROCESSORS_REFERENCE = STRIP_BACKGROUND_REFERENCE.with_name("horde_v13.json")
 
 
 @dataclass
@@ -72,13 +76,14 @@ def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[
 
 
 def load_reference(config: BridgeConfig, reference_files: Sequence[Path] = (), upstream: bool = True):
-    """The horde's reference plus the bridge's own entries (interrogation models, strip_background) and
-    the operator's custom files."""
+    """The horde's reference plus the bridge's own entries (interrogation models, strip_background, the
+    bridge-v13 post-processors, the ControlNet annotators) and the operator's custom files."""
     from controlnet import ANNOTATOR_REFERENCE
     from interrogators.reference import REFERENCE_PATH as INTERROGATOR_REFERENCE
     from models.reference import ModelReference
 
-    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE, ANNOTATOR_REFERENCE]
+    extra = [INTERROGATOR_REFERENCE, STRIP_BACKGROUND_REFERENCE, V13_POSTPROCESSORS_REFERENCE,
+             ANNOTATOR_REFERENCE]
     extra += [Path(p) for p in config.custom_model_reference] + list(reference_files)
     source: dict = {"upstream": None} if not upstream else {}
     if upstream and config.model_reference:
@@ -134,9 +139,11 @@ def weight_records(config: BridgeConfig, plan: WorkerPlan) -> list:
         clip = config.clip_model or CLIP_L14
         by_form = {"caption": [config.caption_model or CAPTION_LARGE], "interrogation": [clip],
                    "nsfw": [clip, DEEPDANBOORU], "aesthetic": [clip, AESTHETIC]}  # fmt: skip
-        for form in config.forms:
-            wanted += by_form.get(form, [form])
-    if "CodeFormers" in wanted:
+        weightless = set(horde_names.WEIGHTLESS_FORMS)
+        for form in configured_forms(config):
+            if form not in weightless:
+                wanted += by_form.get(form, [form])
+    if any(name in wanted for name in horde_names.FACE_FIXERS):
         wanted.append("GFPGAN")  # the horde lists the face detector and parser under GFPGAN
     records = []
     for name in dict.fromkeys(wanted):

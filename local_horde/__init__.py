@@ -11,11 +11,12 @@ Worker endpoints follow /work/shared/horde-api.md: both validation layers, the r
 requeues, bridge_agent capabilities (an unknown bridge name gets none: no r2, no r2_source, skipped
 img2img/post-processing...). Requester helpers (`request_generation`, `request_interrogation`, `host_image`,
 `generation_status`, `interrogation_status`, `wait_done`, `download`) go over real HTTP and are never
-faulted. `horde.faults` (see faults.py) injects 5xx, 429, hangs, drops, malformed bodies, latency, an upload
-bandwidth cap and forced expiry, and the hostile kinds: redirects, trickled headers, HTML error pages, errors
-echoing the api key, wrong-type fields, moderator messages and over-delivered pops; `horde.expire(id)` aborts
-a job now. `RecordingHost` (elsewhere.py) is another origin that records what reaches it. `python -m
-local_horde` runs one.
+faulted. `GET /api/swagger.json` publishes the accepted form and post-processor names (swagger.py);
+`horde.set_alchemy_forms(...)` withdraws or adds form names while running. `horde.faults` (see faults.py)
+injects 5xx, 429, hangs, drops, malformed bodies, latency, an upload bandwidth cap and forced expiry, and the
+hostile kinds: redirects, trickled headers, HTML error pages, errors echoing the api key, wrong-type fields,
+moderator messages and over-delivered pops; `horde.expire(id)` aborts a job now. `RecordingHost`
+(elsewhere.py) is another origin that records what reaches it. `python -m local_horde` runs one.
 """
 
 from local_horde.elsewhere import RecordingHost, SeenRequest

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from local_horde import rules
-from local_horde.schema import INTERROGATE_POP, POST_PROCESSORS, validate
+from local_horde.schema import ALCHEMY_FORMS, POST_PROCESSORS, interrogate_pop_schema, validate
 from local_horde.state import (
     ApiError,
     Registry,
@@ -77,6 +78,12 @@ class AlchemyQueue:
         self.form_ttl = form_ttl
         self.requests: dict[str, AlchemyRequest] = {}
         self.jobs: dict[str, FormJob] = {}
+        self.set_forms(ALCHEMY_FORMS)
+
+    def set_forms(self, forms: Sequence[str]) -> None:
+        """The form names this server accepts (its swagger enums); a pop naming another one gets a 400."""
+        self.forms: tuple[str, ...] = tuple(forms)
+        self.pop_schema = interrogate_pop_schema(self.forms)
 
     # ---- requester side --------------------------------------------------------------------------------
     def add_request(
@@ -115,7 +122,7 @@ class AlchemyQueue:
 
     # ---- worker side -----------------------------------------------------------------------------------
     def pop(self, body: Any, api_key: str | None) -> dict[str, Any]:
-        errors = validate(body, INTERROGATE_POP)
+        errors = validate(body, self.pop_schema)
         if errors:
             raise validation_error(errors)
         user = self.reg.worker_user(api_key)
@@ -156,10 +163,10 @@ class AlchemyQueue:
 
     @staticmethod
     def _skip_reason(worker: Worker, form: Form) -> str | None:
+        # Alchemy forms are not gated by bridge name or version (the server's can_interrogate checks only
+        # trust, upfront kudos and the form list); only inline post-processing in a generation is.
         if form.name not in worker.forms:
             return "forms"
-        if form.name in POST_PROCESSORS and not worker.agent.has(form.name):
-            return "bridge_version"
         if (
             form.name in rules.UPSCALERS
             and rules.tiles(form.request.source_size) > worker.settings["max_tiles"]

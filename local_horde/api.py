@@ -16,8 +16,9 @@ from urllib.parse import parse_qs, urlsplit
 from local_horde import rules
 from local_horde.alchemy import AlchemyQueue
 from local_horde.generation import GenerationQueue
-from local_horde.schema import GENERATE_ASYNC, INTERROGATE_ASYNC, WORKER_MODIFY, validate
+from local_horde.schema import GENERATE_ASYNC, WORKER_MODIFY, interrogate_async_schema, validate
 from local_horde.state import ApiError, Registry, User, missing_apikey, validation_error
+from local_horde.swagger import SWAGGER_PATH, swagger_document
 
 HORDE_VERSION = "5.1.5"
 SOURCE_FETCH_TIMEOUT_S = 2.0
@@ -87,6 +88,11 @@ class HordeApi:
         ]
 
     def dispatch(self, req: ApiRequest) -> tuple[int, Any]:
+        if req.path == SWAGGER_PATH:  # outside /api/v2, as flask-restx serves it
+            if req.method != "GET":
+                raise ApiError(405, "The method is not allowed for the requested URL.")
+            with self.reg.lock:
+                return 200, swagger_document(self.alchemy.forms)
         allowed = False
         for method, pattern, handler in self.routes:
             match = pattern.match(req.path)
@@ -138,7 +144,7 @@ class HordeApi:
         return image_kudos(params)
 
     def interrogate_async(self, req: ApiRequest) -> tuple[int, Any]:
-        errors = validate(req.body, INTERROGATE_ASYNC)
+        errors = validate(req.body, interrogate_async_schema(self.alchemy.forms))
         if errors:
             raise validation_error(errors)
         user = self.requester_user(req.api_key)

@@ -40,15 +40,20 @@ class LocalHorde:
         extra_latency_s: float = 0.0,
         fault_seed: int = 0,
         extra_bridges: Mapping[str, str] | None = None,
+        alchemy_forms: Sequence[str] | None = None,
     ) -> None:
         """`known_models`: names, or a mapping name -> baseline ("stable_diffusion_xl", "flux_1", ...).
         `extra_bridges`: custom bridge names granted a known bridge's capabilities, e.g.
         `{"my-bridge": "AI Horde Worker reGen"}` (else an unknown name gets none, as on the real horde).
+        `alchemy_forms`: the form names this server accepts and lists in /api/swagger.json (default: the
+        real server's); `set_alchemy_forms` changes them while running (a server upgrade or withdrawal).
         """
         self.api_key = api_key
         self.registry = Registry(api_key, extra_bridges)
         self.generations = GenerationQueue(self.registry, known_models, job_ttl)
         self.alchemy = AlchemyQueue(self.registry, form_ttl)
+        if alchemy_forms is not None:
+            self.alchemy.set_forms(alchemy_forms)
         self.api = HordeApi(self.registry, self.generations, self.alchemy)
         self.faults = FaultInjector(seed=fault_seed, latency_s=extra_latency_s)
         self._transport = HordeTransport(self.api, self.registry.store, self.faults)
@@ -111,6 +116,17 @@ class LocalHorde:
         """A snapshot: ids handed out, submits per id, drops, requeues, rewards."""
         with self.registry.lock:
             return self.registry.accounting.snapshot()
+
+    def set_alchemy_forms(self, forms: Sequence[str]) -> None:
+        """Accept (and publish in /api/swagger.json) exactly these form names from now on."""
+        with self.registry.lock:
+            self.alchemy.set_forms(forms)
+
+    def swagger(self) -> dict[str, Any]:
+        """The published API description, fetched over HTTP like a worker would."""
+        response = self._session.get(self.base_url + "/api/swagger.json", timeout=REQUESTER_TIMEOUT_S)
+        response.raise_for_status()
+        return response.json()
 
     def add_user(self, alias: str, api_key: str | None = None, *, moderator: bool = False) -> str:
         """Register another user (e.g. to test WrongCredentials); returns its api key."""

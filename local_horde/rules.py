@@ -188,6 +188,13 @@ def generation_skip_reason(worker: Worker, req: GenRequest, baselines: dict[str,
         return "bridge_version"
     if p["width"] * p["height"] > s["max_pixels"]:
         return "max_pixels"
+    # The server names these two capabilities' skips after the job kind, not "bridge_version".
+    if req.source_key and not worker.agent.has("img2img"):
+        return "img2img"
+    if req.source_key and req.source_processing in ("inpainting", "outpainting") and not worker.agent.has(
+        "inpainting"
+    ):
+        return "painting"
     if req.source_key and not s["allow_img2img"]:
         return "img2img"
     if req.source_key and req.source_processing in ("inpainting", "outpainting") and not s["allow_painting"]:

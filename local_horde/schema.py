@@ -7,6 +7,7 @@ sees the same `{"errors": {...}, "message": "Input payload validation failed"}` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 Schema = dict[str, Any]
@@ -144,18 +145,23 @@ GENERATE_SUBMIT: Schema = _obj(
     ("id", "seed"),
 )
 
-INTERROGATE_POP: Schema = _obj(
-    {
-        "name": _t("string"),
-        "priority_usernames": _STR_LIST,
-        "forms": _t("array", items=_t("string", enum=list(ALCHEMY_FORMS)), uniqueItems=True),
-        "amount": _t("integer"),
-        "bridge_agent": _t("string", maxLength=1000),
-        "threads": _t("integer", minimum=1, maximum=100),
-        "max_tiles": _t("integer", minimum=1, maximum=256),
-    },
-    ("name",),
-)
+def interrogate_pop_schema(forms: Sequence[str] = ALCHEMY_FORMS) -> Schema:
+    """InterrogationPopInput for a server accepting `forms` (a test may withdraw or add names)."""
+    return _obj(
+        {
+            "name": _t("string"),
+            "priority_usernames": _STR_LIST,
+            "forms": _t("array", items=_t("string", enum=list(forms)), uniqueItems=True),
+            "amount": _t("integer"),
+            "bridge_agent": _t("string", maxLength=1000),
+            "threads": _t("integer", minimum=1, maximum=100),
+            "max_tiles": _t("integer", minimum=1, maximum=256),
+        },
+        ("name",),
+    )
+
+
+INTERROGATE_POP: Schema = interrogate_pop_schema()
 
 _LORA = _obj(
     {
@@ -228,18 +234,22 @@ GENERATE_ASYNC: Schema = _obj(
     },
     ("prompt",),
 )
-INTERROGATE_ASYNC: Schema = _obj(
-    {
-        "forms": _t(
-            "array",
-            items=_obj({"name": _t("string", enum=list(ALCHEMY_FORMS)), "payload": _t("object")}, ("name",)),
-            minItems=1,
-        ),
-        "source_image": _t("string"),
-        "slow_workers": _BOOL,
-    },
-    ("forms", "source_image"),
-)
+def interrogate_async_schema(forms: Sequence[str] = ALCHEMY_FORMS) -> Schema:
+    return _obj(
+        {
+            "forms": _t(
+                "array",
+                items=_obj({"name": _t("string", enum=list(forms)), "payload": _t("object")}, ("name",)),
+                minItems=1,
+            ),
+            "source_image": _t("string"),
+            "slow_workers": _BOOL,
+        },
+        ("forms", "source_image"),
+    )
+
+
+INTERROGATE_ASYNC: Schema = interrogate_async_schema()
 WORKER_MODIFY: Schema = _obj(
     {
         "maintenance": _BOOL,

@@ -25,9 +25,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 REFERENCE_NAME = "reference.json"
-TINY_NAMES = ("tiny-sd1", "tiny-sd1-diffusers", "tiny-sd2-depth", "tiny-inpainting")
+TINY_NAMES = (
+    "tiny-sd1",
+    "tiny-sd1-diffusers",
+    "tiny-sd2-depth",
+    "tiny-inpainting",
+    "tiny-sdxl",
+    "tiny-sdxl-inpainting",
+)
 # Bump when what is built changes: an older build in DEST is then rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 
 
@@ -108,14 +115,14 @@ def _unet(in_channels: int, *, sd2: bool = False) -> Any:
     ).eval()
 
 
-def _sdxl_unet() -> Any:
+def _sdxl_unet(in_channels: int = 4) -> Any:
     from diffusers import UNet2DConditionModel
 
     # Cross-attention 96 = both text encoders' hidden sizes (32 + 64); the added-condition input is the
     # second encoder's 32-wide pooled projection plus six 8-wide time ids.
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -185,7 +192,8 @@ def _depth_estimator() -> tuple[Any, Any]:
 
 
 def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
-    """A tiny random-weight pipeline: kind is "sd1", "sd2", "inpainting", "depth" or "sdxl"."""
+    """A tiny random-weight pipeline: kind is "sd1", "sd2", "inpainting", "depth", "sdxl" or
+    "sdxl-inpainting"."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -195,14 +203,20 @@ def tiny_pipeline(kind: str, seed: int, work: Path) -> Any:
         "text_encoder": _text_encoder(tokenizer),
         "tokenizer": tokenizer,
     }
-    if kind == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(
-            unet=_sdxl_unet(),
+    if kind in ("sdxl", "sdxl-inpainting"):
+        inpainting = kind == "sdxl-inpainting"
+        cls = diffusers.StableDiffusionXLPipeline
+        if inpainting:
+            cls = diffusers.StableDiffusionXLInpaintPipeline
+        extra = {"requires_aesthetics_score": False} if inpainting else {}
+        return cls(
+            unet=_sdxl_unet(9 if inpainting else 4),
             scheduler=diffusers.EulerDiscreteScheduler.from_config(_scheduler().config),
             # diffusers tells SDXL's two encoders apart by width, as the real ones (768, 1280) differ.
             text_encoder_2=_text_encoder(tokenizer, with_projection=True, hidden_size=64),
             tokenizer_2=tokenizer,
             **common,
+            **extra,
         )
     if kind == "depth":
         estimator, processor = _depth_estimator()
@@ -486,6 +500,22 @@ def _build_all(dest: Path, work: Path) -> dict[str, dict[str, Any]]:
         inpainting=True,
         diffusers_config="tiny-inpainting-config",
     )
+
+    # SDXL single files (both text encoders in the checkpoint, `conditioner.embedders.*`), as the horde's
+    # 49 SDXL models are; the inpainting one has SDXL inpainting 1.0's 9-channel UNet.
+    for name, kind, seed in (("tiny-sdxl", "sdxl", 5), ("tiny-sdxl-inpainting", "sdxl-inpainting", 6)):
+        xl = tiny_pipeline(kind, seed=seed, work=work)
+        save_file(pipeline_to_ldm(xl), str(dest / f"{name}.safetensors"))
+        _save_config_folder(xl, dest / f"{name}-config", work)
+        records[name] = _record(
+            name,
+            dest,
+            [dest / f"{name}.safetensors", dest / f"{name}-config"],
+            baseline="stable_diffusion_xl",
+            inpainting=kind == "sdxl-inpainting",
+            version="1.0",
+            diffusers_config=f"{name}-config",
+        )
     return records
 
 
@@ -527,7 +557,9 @@ def build_tiny_models(dest: Path) -> Path:
             "tiny-inpainting.ckpt",
             "tiny-sd1-config",
             "tiny-inpainting-config",
-        ]:
+            *(f"{xl}{suffix}" for xl in ("tiny-sdxl", "tiny-sdxl-inpainting")
+              for suffix in (".safetensors", "-config")),
+        ]:  # fmt: skip
             target = dest / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -6,9 +6,11 @@
 
 Order of application (as the legacy AI-Horde-Worker and horde-worker-reGen apply a job's list), whatever the
 order of the request:
-  1. upscalers: RealESRGAN_x4plus, RealESRGAN_x2plus, RealESRGAN_x4plus_anime_6B, NMKD_Siax, 4x_AnimeSharp
-     (in request order among themselves; output exactly x2 / x4, alpha resized alongside);
-  2. face fixers: GFPGAN, CodeFormers (on the upscaled image; no face -> unchanged + an information entry);
+  1. upscalers: RealESRGAN_x4plus, RealESRGAN_x2plus, RealESRGAN_x4plus_anime_6B, NMKD_Siax, 4x_AnimeSharp,
+     4xNomos8kSC, 4xLSDIRplus, 4xNomosWebPhoto_RealPLKSR, 4xNomos2_realplksr_dysample, 4xNomos2_hq_dat2,
+     2xModernSpanimationV1 (in request order among themselves; output exactly x2 / x4, alpha resized too);
+  2. face fixers: GFPGAN, CodeFormers, GFPGANv1.3, RestoreFormer (on the upscaled image; no face -> unchanged
+     + an information entry);
   3. strip_background, last: its transparency would not survive the other steps (RGBA out).
 Each name runs once. Unknown names raise KeyError; an image a processor cannot take (corrupt, beyond
 MAX_INPUT_PIXELS, or an upscale beyond MAX_OUTPUT_PIXELS) raises PostProcessError, as do missing or damaged

@@ -1,4 +1,4 @@
-"""Face fixers: GFPGAN (v1.4) and CodeFormer.
+"""Face fixers: GFPGAN (v1.4, and v1.3 as "GFPGANv1.3"), CodeFormer and RestoreFormer.
 
 facexlib's FaceRestoreHelper does what the legacy worker's GFPGANer / CodeFormer app did around the network:
 RetinaFace (ResNet-50) detection, alignment of each face to the FFHQ 512² template, and paste-back through a
@@ -6,8 +6,10 @@ ParseNet face mask. The restorer networks load through spandrel (+ spandrel_extr
 never through gfpgan / basicsr / codeformer-pip (see postprocessors/README.md).
 
 `facefixer_strength` (0..1): CodeFormer's fidelity weight w (0 = strongest restoration, 1 = closest to the
-input; upstream default 0.5); for GFPGAN, the blend of GFPGAN's result over the input image (default 1:
-GFPGAN's own output, which is what the legacy worker returned).
+input; upstream default 0.5); for GFPGAN and RestoreFormer, which have no such weight, the blend of their
+result over the input image (default 1: the network's own output, which is what the legacy worker returned).
+GFPGANv1.3 is the same network as v1.4 (GFPGANv1Clean) with other weights; RestoreFormer (the release in
+TencentARC/GFPGAN v1.3.4) is a VQ transformer that spandrel loads, run on the same aligned 512² crops.
 """
 
 from __future__ import annotations
@@ -220,12 +222,22 @@ class FaceFixer(PostProcessor):
         return self._cache.use(self.cache_key, loader, size_hint=hint)
 
 
-class Gfpgan(FaceFixer):
+class BlendedFaceFixer(FaceFixer):
+    """A restorer without a fidelity weight: strength blends its full output over the input."""
+
+    default_strength = 1.0
+
+    def blend(self, original: Image.Image, restored: Image.Image, strength: float) -> Image.Image:
+        # Blending whole images (not face crops) keeps strength 0 exactly the input, and makes the pasted
+        # result a straight mix of the input and the network's full-strength output.
+        return restored if strength >= 1.0 else Image.blend(original, restored, strength)
+
+
+class Gfpgan(BlendedFaceFixer):
     name = "GFPGAN"
     category = "gfpgan"
     file_name = "GFPGANv1.4.pth"
     architecture = "GFPGAN"
-    default_strength = 1.0
 
     @torch.inference_mode()
     def restore_face(self, model: SpandrelModel, crop_bgr: np.ndarray, strength: float) -> np.ndarray:
@@ -234,10 +246,24 @@ class Gfpgan(FaceFixer):
         # Fixed noise buffers instead of fresh noise: the same image restores the same way every time.
         return _tensor_to_crop(model.module(face, return_rgb=False, randomize_noise=False)[0])
 
-    def blend(self, original: Image.Image, restored: Image.Image, strength: float) -> Image.Image:
-        # Blending whole images (not face crops) keeps strength 0 exactly the input, and makes the pasted
-        # result a straight mix of the input and GFPGAN's full-strength output.
-        return restored if strength >= 1.0 else Image.blend(original, restored, strength)
+
+class GfpganV13(Gfpgan):
+    name = "GFPGANv1.3"
+    file_name = "GFPGANv1.3.pth"
+
+
+class RestoreFormer(BlendedFaceFixer):
+    name = "RestoreFormer"
+    category = "gfpgan"  # released with GFPGAN (v1.3.4); it shares GFPGAN's face helper files
+    file_name = "RestoreFormer.pth"
+    architecture = "RestoreFormer"
+
+    @torch.inference_mode()
+    def restore_face(self, model: SpandrelModel, crop_bgr: np.ndarray, strength: float) -> np.ndarray:
+        device, dtype = module_device_dtype(model.module)
+        face = _crop_to_tensor(crop_bgr, device, dtype)
+        restored, _ = model.module(face)  # (image in [-1, 1], quantisation loss: None at inference)
+        return _tensor_to_crop(restored)
 
 
 class CodeFormer(FaceFixer):
@@ -254,4 +280,4 @@ class CodeFormer(FaceFixer):
         return _tensor_to_crop(model.module(face, weight=strength)[0])
 
 
-FACE_FIXERS: tuple[type[FaceFixer], ...] = (Gfpgan, CodeFormer)
+FACE_FIXERS: tuple[type[FaceFixer], ...] = (Gfpgan, CodeFormer, GfpganV13, RestoreFormer)

@@ -13,7 +13,7 @@ from models.device import DevicePolicy
 from postprocessors.background import StripBackground
 from postprocessors.base import PostProcessor, PostProcessResult
 from postprocessors.facefix import FACE_FIXERS, FaceFixer
-from postprocessors.upscalers import UPSCALERS, EsrganUpscaler
+from postprocessors.upscalers import UPSCALERS, SpandrelUpscaler
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def ordered(names: list[str]) -> list[str]:
 class PostProcessorRegistry:
     """All post-processors of this worker, built lazily, weights loaded through the shared ModelCache.
 
-    Weights live under `weights_dir`: esrgan/<file> for upscalers, gfpgan/GFPGANv1.4.pth,
-    codeformer/CodeFormers.pth, rembg/u2net.pth; the face detector and parser (facexlib) in facexlib/ or, as
-    gfpgan.json lists them with GFPGAN, in gfpgan/.
+    Weights live under `weights_dir`: esrgan/<file> for upscalers, gfpgan/GFPGANv1.4.pth (and
+    GFPGANv1.3.pth, RestoreFormer.pth), codeformer/CodeFormers.pth, rembg/u2net.pth; the face detector
+    and parser (facexlib) in facexlib/ or, as gfpgan.json lists them with GFPGAN, in gfpgan/.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class PostProcessorRegistry:
             return StripBackground(weights=weights, cache=self._cache, device=self._device)
         raise KeyError(f"unknown post-processor {name!r}")
 
-    def _upscaler(self, cls: type[EsrganUpscaler]) -> EsrganUpscaler:
+    def _upscaler(self, cls: type[SpandrelUpscaler]) -> SpandrelUpscaler:
         weights = self.weights_dir / cls.category / cls.file_name
         return cls(weights=weights, cache=self._cache, device=self._device, tile=self._tile)
 

@@ -3,9 +3,14 @@
 Every file has the real key layout and goes through the real loaders (spandrel, facexlib, our U²-Net):
 - esrgan/: RRDBNet with 16 filters and 1-2 blocks; the Real-ESRGAN files in the new key layout wrapped in
   `params_ema` (x2plus with its 12-channel pixel-unshuffle input), NMKD_Siax / 4x_AnimeSharp in the old one;
+  the bridge-v13 upscalers, trained with neosr (BasicSR's successor), in its `params` wrapper: 4xNomos8kSC and
+  4xLSDIRplus as RRDBNet in BasicSR's key layout, the two RealPLKSR files (16 wide, 2 blocks; the second
+  with DySample), DAT "dat2" (24 wide, 2 groups of 2 blocks), SPAN (16 wide, x2);
 - gfpgan/: GFPGANv1.4 at full size (spandrel builds GFPGAN with fixed hyper-parameters, so it cannot be
-  smaller), the RetinaFace ResNet-50 detector with all-zero weights (no face passes the threshold: a random
-  detector "finds" dozens of faces in noise and takes minutes), ParseNet with random weights;
+  smaller), GFPGANv1.3 as a hard link to it (the same GFPGANv1Clean network), RestoreFormer (32 wide, one
+  residual block per level) in `params_ema`, the RetinaFace ResNet-50 detector with all-zero weights (no face
+  passes the threshold: a random detector "finds" dozens of faces in noise and takes minutes), ParseNet with
+  random weights;
 - codeformer/: CodeFormer with a 1-layer, 64-wide transformer and a 64-entry codebook (its VQGAN encoder and
   generator have fixed widths);
 - rembg/: U²-Net in the small (u2netp) widths.
@@ -20,6 +25,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -89,6 +95,68 @@ def _esrgan_files() -> dict[str, Callable[[], Any]]:
     }
 
 
+def _v13_upscaler_files() -> dict[str, tuple[str, str, Callable[[], Any]]]:
+    """horde name -> (record type, file name, state factory) of the upscalers added at bridge v13."""
+
+    def rrdb() -> Any:
+        old = _rrdb_old_layout(in_nc=3, num_blocks=1, scale=4)
+        return neosr_file(_rrdb_new_layout(old, 1))
+
+    return {
+        "4xNomos8kSC": ("esrgan", "4xNomos8kSC.pth", rrdb),
+        "4xLSDIRplus": ("esrgan", "4xLSDIRplus.pth", rrdb),
+        "4xNomosWebPhoto_RealPLKSR": ("realplksr", "4xNomosWebPhoto_RealPLKSR.pth",
+                                      lambda: neosr_file(realplksr_state_dict(dysample=False))),
+        "4xNomos2_realplksr_dysample": ("realplksr", "4xNomos2_realplksr_dysample.pth",
+                                        lambda: neosr_file(realplksr_state_dict(dysample=True))),
+        "4xNomos2_hq_dat2": ("dat", "4xNomos2_hq_dat2.pth", lambda: neosr_file(dat2_state_dict())),
+        "2xModernSpanimationV1": ("span", "2x_ModernSpanimationV1.pth",
+                                  lambda: neosr_file(span_state_dict())),
+    }  # fmt: skip
+
+
+def neosr_file(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """neosr saves the generator as {"params": state_dict} (and its EMA copy as "params_ema")."""
+    return {"params": state}
+
+
+def realplksr_state_dict(*, dysample: bool) -> dict[str, torch.Tensor]:
+    from spandrel.architectures.PLKSR import RealPLKSR
+
+    return RealPLKSR(dim=TINY_FILTERS, n_blocks=2, upscaling_factor=4, dysample=dysample).state_dict()
+
+
+def dat2_state_dict() -> dict[str, torch.Tensor]:
+    from spandrel.architectures.DAT import DAT
+
+    # neosr's "dat2": split 8x32, expansion 2, pixelshuffle; fewer and narrower groups than its 6 x 6 x 180.
+    net = DAT(img_size=64, embed_dim=24, depth=[2, 2], num_heads=[2, 2], split_size=[8, 32],
+              expansion_factor=2.0, upscale=4, resi_connection="1conv", upsampler="pixelshuffle")  # fmt: skip
+    return net.state_dict()
+
+
+def span_state_dict() -> dict[str, torch.Tensor]:
+    from spandrel.architectures.SPAN import SPAN
+
+    return SPAN(num_in_ch=3, num_out_ch=3, feature_channels=TINY_FILTERS, upscale=2).state_dict()
+
+
+def restoreformer_state_dict() -> dict[str, Any]:
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    # GroupNorm(32) sets the narrowest width; the real one is 64 wide with widths x1..x8 and 2 blocks.
+    net = RestoreFormer(n_embed=64, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1,
+                        z_channels=32)  # fmt: skip
+    return {"params_ema": net.state_dict()}
+
+
+class SameAs:
+    """A recipe entry that is a hard link to another file of the folder (same network, same size)."""
+
+    def __init__(self, file_name: str) -> None:
+        self.file_name = file_name
+
+
 def gfpgan_state_dict() -> dict[str, Any]:
     from spandrel.architectures.GFPGAN import GFPGAN
 
@@ -127,13 +195,15 @@ def u2net_state_dict() -> dict[str, torch.Tensor]:
 
 
 # category -> horde name -> (record type, {file name: state dict factory})
-def _recipe() -> dict[str, dict[str, tuple[str, dict[str, Callable[[], Any]]]]]:
+def _recipe() -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
     esrgan = _esrgan_files()
+    v1 = {
+        name.removesuffix(".pth"): ("realesrgan" if name.startswith("Real") else "esrgan", {name: build})
+        for name, build in esrgan.items()
+    }
+    v13 = {name: (kind, {file: build}) for name, (kind, file, build) in _v13_upscaler_files().items()}
     return {
-        "esrgan": {
-            name.removesuffix(".pth"): ("realesrgan" if name.startswith("Real") else "esrgan", {name: build})
-            for name, build in esrgan.items()
-        },
+        "esrgan": {**v1, **v13},
         "gfpgan": {
             "GFPGAN": (
                 "gfpgan",
@@ -143,13 +213,21 @@ def _recipe() -> dict[str, dict[str, tuple[str, dict[str, Callable[[], Any]]]]]:
                     FACE_HELPER_FILES[1]: parser_state_dict,
                 },
             ),
+            "GFPGANv1.3": ("gfpgan", {"GFPGANv1.3.pth": SameAs("GFPGANv1.4.pth")}),
+            "RestoreFormer": ("restoreformer", {"RestoreFormer.pth": restoreformer_state_dict}),
         },  # fmt: skip
         "codeformer": {"CodeFormers": ("CodeFormers", {"CodeFormers.pth": codeformer_state_dict})},
         "rembg": {"strip_background": ("u2net", {"u2net.pth": u2net_state_dict})},
     }
 
 
-def _write(path: Path, build: Callable[[], Any], seed: int) -> None:
+def _write(path: Path, build: Callable[[], Any] | SameAs, seed: int) -> None:
+    if isinstance(build, SameAs):
+        try:
+            os.link(path.with_name(build.file_name), path)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path.with_name(build.file_name), path)
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = build()

@@ -1,8 +1,15 @@
-"""ESRGAN-family upscalers (RRDBNet): Real-ESRGAN x4plus / x2plus / anime_6B, NMKD Siax, 4x AnimeSharp.
+"""The horde's upscalers, every one a spandrel architecture, all run the same way.
 
-Weights load through spandrel (old and new RRDBNet key layouts, pixel-unshuffle of x2plus detected from the
-state dict) into the shared ModelCache; inference is tiled (postprocessors.tiling) so a large image stays
-within a memory bound. Alpha is upscaled separately by a bicubic resize.
+- ESRGAN (RRDBNet): Real-ESRGAN x4plus / x2plus / anime_6B, NMKD Siax, 4x AnimeSharp, 4xNomos8kSC,
+  4xLSDIRplus (old and new key layouts, pixel-unshuffle of x2plus detected from the state dict);
+- RealPLKSR (spandrel's PLKSR): 4xNomosWebPhoto_RealPLKSR, 4xNomos2_realplksr_dysample (DySample upsampler);
+- DAT: 4xNomos2_hq_dat2 (the "dat2" variant);
+- SPAN: 2xModernSpanimationV1.
+
+Weights load through spandrel into the shared ModelCache, checked to be the architecture and scale the
+horde name means; inference is tiled (postprocessors.tiling) so a large image stays within a memory bound
+(spandrel pads a tile that is below an architecture's size requirement). Alpha is upscaled separately by a
+bicubic resize.
 """
 
 from __future__ import annotations
@@ -44,9 +51,12 @@ def default_tile(device: DevicePolicy) -> int:
     return CUDA_TILE if device.is_cuda else CPU_TILE
 
 
-class EsrganUpscaler(PostProcessor):
-    category: ClassVar[str] = "esrgan"
+class SpandrelUpscaler(PostProcessor):
+    """An upscaler of one spandrel architecture (`architecture`, spandrel's id) and exact `scale`."""
+
+    category: ClassVar[str] = "esrgan"  # the horde's reference lists upscalers in esrgan.json
     file_name: ClassVar[str]
+    architecture: ClassVar[str]
 
     def __init__(
         self, *, weights: Path, cache: ModelCache, device: DevicePolicy, tile: int | None = None
@@ -65,7 +75,7 @@ class EsrganUpscaler(PostProcessor):
         return [self.weights]
 
     def _load(self) -> SpandrelModel:
-        model = load_spandrel(self.weights, architecture="ESRGAN", dtype=self._device.dtype)
+        model = load_spandrel(self.weights, architecture=self.architecture, dtype=self._device.dtype)
         if model.scale != self.scale:
             raise PostProcessError(
                 f"{self.weights.name}: a x{model.scale} model where {self.name} needs x{self.scale}",
@@ -93,6 +103,10 @@ class EsrganUpscaler(PostProcessor):
         upscaled = Image.fromarray(array, "RGB")
         logger.debug("%s: %dx%d -> %dx%d", self.name, *image.size, *upscaled.size)
         return PostProcessResult(join_alpha(upscaled, alpha))
+
+
+class EsrganUpscaler(SpandrelUpscaler):
+    architecture = "ESRGAN"
 
 
 class RealESRGANx4plus(EsrganUpscaler):
@@ -125,10 +139,56 @@ class AnimeSharp4x(EsrganUpscaler):
     scale = 4
 
 
-UPSCALERS: tuple[type[EsrganUpscaler], ...] = (
+class Nomos8kSC4x(EsrganUpscaler):
+    name = "4xNomos8kSC"
+    file_name = "4xNomos8kSC.pth"
+    scale = 4
+
+
+class LSDIRplus4x(EsrganUpscaler):
+    name = "4xLSDIRplus"
+    file_name = "4xLSDIRplus.pth"
+    scale = 4
+
+
+class NomosWebPhotoRealPLKSR4x(SpandrelUpscaler):
+    name = "4xNomosWebPhoto_RealPLKSR"
+    file_name = "4xNomosWebPhoto_RealPLKSR.pth"
+    architecture = "PLKSR"
+    scale = 4
+
+
+class Nomos2RealPLKSRDySample4x(SpandrelUpscaler):
+    name = "4xNomos2_realplksr_dysample"
+    file_name = "4xNomos2_realplksr_dysample.pth"
+    architecture = "PLKSR"
+    scale = 4
+
+
+class Nomos2HqDat2x4(SpandrelUpscaler):
+    name = "4xNomos2_hq_dat2"
+    file_name = "4xNomos2_hq_dat2.pth"
+    architecture = "DAT"
+    scale = 4
+
+
+class ModernSpanimation2x(SpandrelUpscaler):
+    name = "2xModernSpanimationV1"
+    file_name = "2x_ModernSpanimationV1.pth"  # the author's file name
+    architecture = "SPAN"
+    scale = 2
+
+
+UPSCALERS: tuple[type[SpandrelUpscaler], ...] = (
     RealESRGANx4plus,
     RealESRGANx2plus,
     RealESRGANx4plusAnime6B,
     NMKDSiax,
     AnimeSharp4x,
+    Nomos8kSC4x,
+    LSDIRplus4x,
+    NomosWebPhotoRealPLKSR4x,
+    Nomos2RealPLKSRDySample4x,
+    Nomos2HqDat2x4,
+    ModernSpanimation2x,
 )

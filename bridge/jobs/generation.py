@@ -30,6 +30,7 @@ from bridge.generation.masks import prepare_sources
 from bridge.generation.request import GenerationRequest, RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import GenerationResult, run_generation
 from bridge.generation.substitutions import Substitution, cap_metadata, information
+from bridge.identity import WithheldReport
 from bridge.images import encode_webp
 from bridge.jobs.base import ON_CPU, Job, JobSource, JobTimings, Placement, Submission, bytes_on_disk
 from bridge.safe_text import server_text
@@ -159,8 +160,9 @@ class GenerationJob(Job):
         record = self._record(runtime)
         if record is None:
             return self.fault(f"model {self.pop.model!r} is not served by this worker")
+        target = (self.pop.payload.width, self.pop.payload.height)
         sources, kind, source_subs = prepare_sources(
-            self.fetched.image, self.fetched.mask, self.pop.source_processing
+            self.fetched.image, self.fetched.mask, self.pop.source_processing, target
         )
         if self.pop.extra_source_images:
             count, why = len(self.pop.extra_source_images), "not supported: not used"
@@ -291,6 +293,9 @@ class GenerationSource(JobSource):
     name = "generation"
     family: ClassVar[str] = GENERATION
 
+    def __init__(self) -> None:
+        self.withheld = WithheldReport()
+
     def ready(self, runtime: Runtime) -> bool:
         """Models ready, and the safety pass to check what they make: an image that cannot be checked is
         never generated."""
@@ -320,6 +325,7 @@ class GenerationSource(JobSource):
         if reply.is_idle:
             if reply.skipped:
                 logger.debug("no job; skipped: %s", server_text(reply.skipped))
+                self.withheld.observe(reply.skipped, runtime.config)
             return []
         return split_over_delivery(reply, request.amount)
 

@@ -19,6 +19,7 @@ from bridge.config import (
     ConfigError,
     api_base,
     build_config,
+    configured_forms,
     dreamer_name,
     family_weights,
     load_config,
@@ -119,7 +120,7 @@ def test_api_key_from_environment_and_horde_url_variable():
         ("max_threads", 0),
         ("max_power", 1),
         ("nsfw", "perhaps"),
-        ("forms", ["caption", "painting"]),
+        ("forms", "caption"),
         ("ram_to_leave_free", "lots"),
         ("horde_url", "ftp://example"),
         ("priority_usernames", ["nohash"]),
@@ -132,6 +133,13 @@ def test_each_validation_error_names_its_key(key, value):
     assert len(caught.value.lines) == 1
     assert caught.value.lines[0].startswith(f"{key}:")
     assert "not allowed" in caught.value.lines[0]
+
+
+def test_an_unknown_form_is_dropped_with_one_line_not_a_stop():
+    loaded = build_config({"forms": ["caption", "painting", "caption", "vectorize"]}, environ={})
+    assert configured_forms(loaded.config) == ["caption", "vectorize"]
+    [line] = [w for w in loaded.warnings if w.startswith("forms:")]
+    assert "'painting' dropped" in line
 
 
 def test_unknown_keys_warned_and_legacy_keys_listed():
@@ -256,8 +264,10 @@ def test_regen_2026_keys_that_mean_ours_are_honoured():
 def test_post_process_and_spellings_of_forms():
     config = build_config({"forms": ["Caption", "post_process", "gfpgan", "NSFW"]}, environ={}).config
     assert config.forms == ["caption", *POST_PROCESSOR_FORMS, "nsfw"]
-    with pytest.raises(ConfigError, match="unknown form"):
-        build_config({"forms": ["post-processing"]}, environ={})
+    # A name the horde does not know is dropped with one warning, never a stop (the server may add it later).
+    mistyped = build_config({"forms": ["post-processing", "caption"]}, environ={})
+    assert configured_forms(mistyped.config) == ["caption"]
+    assert any("'post-processing' dropped" in warning for warning in mistyped.warnings)
 
 
 def test_post_processor_forms_are_the_post_processors_served():

@@ -31,6 +31,12 @@ def test_demo_serves_every_kind_and_writes_real_images(tmp_path, capsys):
         "strip_background",
         "controlnet canny",
         "controlnet hed map",
+        "SDXL txt2img",
+        "SDXL outpainting",
+        "vectorize",
+        "palette",
+        "describe",
+        "2xModernSpanimationV1",
     ):
         assert label in printed
     assert "faulted" not in printed.split("stats:")[0]

@@ -263,3 +263,29 @@ def test_generation_gets_a_safety_pass_sharing_the_alchemy_clip(tmp_path, tmp_pa
     unchecked = build_worker(dreamer, WorkerPlan(True, False, reference, []), device=DevicePolicy.cpu(),
                              weights_dir=weights, interrogator_models=names)
     assert unchecked.runtime.safety is None and not GenerationSource().ready(unchecked.runtime)
+
+
+def test_the_v13_post_processors_download_where_the_registry_reads_them(tmp_path, caplog):
+    from bridge import horde_names
+
+    forms = ["RestoreFormer", "4xNomos2_hq_dat2", "2xModernSpanimationV1", "vectorize", "palette", "describe"]
+    config = build_config({"cache_home": str(tmp_path), "alchemist": True, "dreamer": False, "forms": forms},
+                          environ={}).config
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, upstream=False))
+    with caplog.at_level("WARNING"):
+        records = {r.name: r for r in weight_records(config, plan)}
+    # The weightless forms need no weights (and no warning); RestoreFormer brings GFPGAN's face helpers.
+    assert set(records) == {"RestoreFormer", "4xNomos2_hq_dat2", "2xModernSpanimationV1", "GFPGAN"}
+    assert "no reference entry" not in caplog.text
+    placed = {model_dir(tmp_path, r) / f.path for r in records.values() for f in r.files}
+    for path in placed:  # as if every download had finished
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    registry = PostProcessorRegistry(weights_dir=tmp_path, cache=None, device=DevicePolicy.cpu())
+    for name in ("RestoreFormer", "4xNomos2_hq_dat2", "2xModernSpanimationV1"):
+        assert set(registry.get(name).files()) <= placed, name
+    # A generation worker with post-processing on fetches all sixteen.
+    dreamer = build_config({"dreamer": True, "force_cpu_generation": True, "models_to_load": ["Deliberate"]},
+                           environ={}).config
+    both = plan_worker(dreamer, has_gpu=False, reference=load_reference(dreamer, upstream=False))
+    assert set(horde_names.POST_PROCESSORS) <= {r.name for r in weight_records(dreamer, both)}

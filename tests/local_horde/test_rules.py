@@ -106,19 +106,20 @@ def test_skip_reasons(
 
 
 @pytest.mark.parametrize(
-    "request_kw",
+    ("request_kw", "reason"),
     [
-        {"params": small_params(), "source_image": webp()},
-        {"params": small_params(post_processing=["RealESRGAN_x4plus"])},
-        {"params": small_params(tiling=True)},
-        {"params": small_params(hires_fix=True)},
-        {"params": small_params(clip_skip=2)},
+        ({"params": small_params(), "source_image": webp()}, "img2img"),
+        ({"params": small_params(), "source_image": webp(), "source_processing": "outpainting"}, "img2img"),
+        ({"params": small_params(post_processing=["RealESRGAN_x4plus"])}, "bridge_version"),
+        ({"params": small_params(tiling=True)}, "bridge_version"),
+        ({"params": small_params(hires_fix=True)}, "bridge_version"),
+        ({"params": small_params(clip_skip=2)}, "bridge_version"),
     ],
 )
-def test_unknown_bridge_name_gets_no_capabilities(horde: LocalHorde, request_kw: dict) -> None:
+def test_unknown_bridge_name_gets_no_capabilities(horde: LocalHorde, request_kw: dict, reason: str) -> None:
     horde.request_generation(**request_kw)
     unknown = WorkerClient(horde, name="custom-bridge", agent=UNKNOWN_BRIDGE)
-    assert unknown.pop()["skipped"] == {"bridge_version": 1}
+    assert unknown.pop()["skipped"] == {reason: 1}
     assert WorkerClient(horde, name="regen-bridge", agent=REGEN).pop()["id"] is not None
 
 
@@ -174,12 +175,11 @@ def test_priority_usernames_jump_the_queue(horde: LocalHorde, worker: WorkerClie
 def test_alchemy_capabilities_and_tiles(horde: LocalHorde) -> None:
     big = horde.host_image(webp("white", (2048, 2048)))  # 16 tiles
     horde.request_interrogation(big, ["RealESRGAN_x4plus", "caption"])
-    unknown = WorkerClient(horde, name="alch-unknown", agent=UNKNOWN_BRIDGE)
-    reply = unknown.ipop(["RealESRGAN_x4plus"])
-    assert reply == {"forms": None, "skipped": {"bridge_version": 1}}
     limited = WorkerClient(horde, name="alch-small")
     assert limited.ipop(["RealESRGAN_x4plus"], max_tiles=8)["forms"] is None
-    (form,) = limited.ipop(["RealESRGAN_x4plus"], max_tiles=16)["forms"]
+    # Alchemy forms are not gated by the bridge: an unknown bridge name gets the upscale form too.
+    unknown = WorkerClient(horde, name="alch-unknown", agent=UNKNOWN_BRIDGE)
+    (form,) = unknown.ipop(["RealESRGAN_x4plus"], max_tiles=16)["forms"]
     assert form["form"] == "RealESRGAN_x4plus" and "r2_upload" in form
     (caption,) = unknown.ipop([])["forms"]  # no forms -> caption
     assert caption["form"] == "caption"

@@ -354,3 +354,41 @@ def test_a_twin_of_another_file_is_not_used(wild_ref):
     assert plan.path == ckpt and plan.source is None  # stale twin: the .ckpt is read again
     load_pipeline(record, record.base_dir, CPU, plan=plan)
     assert plan_load(record, record.base_dir).source == ckpt  # and the twin is rewritten
+
+
+@pytest.mark.parametrize(("family", "in_channels", "model_type"), [("sdxl", 4, "xl_base"),
+                                                                    ("sdxl-inpainting", 9, "xl_inpaint")])
+def test_real_shape_sdxl_single_file_is_recognised_and_maps_onto_the_shipped_config(
+    family, in_channels, model_type
+):
+    """A checkpoint with SDXL's real key set and shapes (on the meta device: no 7 GB written): recognised
+    as SDXL (or SDXL inpainting) from its keys, sized before loading, and every UNet and VAE tensor lands on
+    a tensor of the same shape in the shipped config's modules, through diffusers' own conversion."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = CONFIGS_DIR / family
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    state = pipeline_to_ldm(SimpleNamespace(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2))
+    from models.loading import _info
+
+    checkpoint = _info({key: tuple(value.shape) for key, value in state.items()})
+    assert (checkpoint.arch, checkpoint.in_channels) == ("sdxl", in_channels)
+    unet_n, text_n = EXPECTED_PARAMETERS[family]
+    assert checkpoint.parameters == unet_n + 83_653_863 + text_n + 694_659_840  # ~6.9 GB in fp16
+    record = ModelRecord(name="an SDXL model", baseline="stable_diffusion_xl", inpainting=in_channels == 9)
+    assert select_family(record, checkpoint) == family
+    assert single_file_utils.infer_diffusers_model_type(state) == model_type
+    converted_unet = single_file_utils.convert_ldm_unet_checkpoint(state, unet.config)
+    converted_vae = single_file_utils.convert_ldm_vae_checkpoint(state, vae.config)
+    for converted, module in ((converted_unet, unet), (converted_vae, vae)):
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        assert {key: tuple(value.shape) for key, value in converted.items()} == expected

@@ -75,7 +75,7 @@ def test_advertises_only_present_and_verified_models(model_tree, tmp_path):
     data[-100] ^= 0xFF  # one flipped byte, same size
     weights.write_bytes(bytes(data))
     (root / "tiny-inpainting-config" / "unet" / "config.json").unlink()
-    assert manager.ready_models() == ["tiny-sd1", "tiny-sd2-depth"]
+    assert manager.ready_models() == ["tiny-sd1", "tiny-sd2-depth", "tiny-sdxl", "tiny-sdxl-inpainting"]
     with pytest.raises(ModelNotReadyError):
         manager.pipeline("tiny-sd1-diffusers").__enter__()
 
@@ -85,13 +85,17 @@ def test_pipelines_load_once_and_stay_resident_within_budget(model_tree):
     with manager.pipeline("tiny-sd1") as pipe:
         assert isinstance(pipe, StableDiffusionPipeline)
         assert draw(pipe).shape == (64, 64, 3)
-    # Drawing with each kind is covered by test_loading; here: all four stay resident together.
+    # Drawing with each kind is covered by test_loading; here: all six stay resident together.
     with manager.pipeline("tiny-sd1-diffusers") as pipe:
         assert isinstance(pipe, StableDiffusionPipeline)
     with manager.pipeline("tiny-inpainting") as pipe:
         assert isinstance(pipe, StableDiffusionInpaintPipeline)
     with manager.pipeline("tiny-sd2-depth") as pipe:
         assert type(pipe).__name__ == "StableDiffusionDepth2ImgPipeline"
+    with manager.pipeline("tiny-sdxl") as pipe:
+        assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    with manager.pipeline("tiny-sdxl-inpainting") as pipe:
+        assert type(pipe).__name__ == "StableDiffusionXLInpaintPipeline"
     cache = manager._cache
     assert sorted(cache.resident()) == sorted(TINY_NAMES)
     assert cache.used_bytes() <= cache.ram_budget_bytes

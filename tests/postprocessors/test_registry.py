@@ -6,14 +6,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bridge import horde_names
 from models.cache import ModelCache
 from postprocessors import ORDER, PostProcessError, PostProcessorRegistry, ordered
 from tests.postprocessors.helpers import picture, tiny_registry
 
-HORDE_NAMES = {
-    "GFPGAN", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "RealESRGAN_x4plus_anime_6B", "NMKD_Siax",
-    "4x_AnimeSharp", "CodeFormers", "strip_background",
-}  # fmt: skip
+HORDE_NAMES = set(horde_names.POST_PROCESSORS)
 
 
 def test_order_upscalers_then_face_fixers_then_strip_background() -> None:
@@ -25,9 +23,9 @@ def test_order_upscalers_then_face_fixers_then_strip_background() -> None:
 
 def test_unknown_names_raise_key_error(registry: PostProcessorRegistry) -> None:
     with pytest.raises(KeyError):
-        registry.get("4xNomos8kSC")
-    with pytest.raises(KeyError, match="RestoreFormer"):
-        registry.apply(picture(), ["GFPGAN", "RestoreFormer"])
+        registry.get("4xUltraSharp")
+    with pytest.raises(KeyError, match="4xUltraSharp"):
+        registry.apply(picture(), ["GFPGAN", "4xUltraSharp"])
 
 
 def test_available_lists_what_has_weights(

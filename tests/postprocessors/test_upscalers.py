@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bridge.horde_names import UPSCALER_SCALES as SCALES
 from postprocessors import MAX_INPUT_PIXELS, PostProcessError, PostProcessorRegistry
 from postprocessors.registry import UPSCALER_NAMES
 from tests.postprocessors.helpers import cpu_cache, picture, tiny_registry
-
-SCALES = {
-    "RealESRGAN_x4plus": 4,
-    "RealESRGAN_x2plus": 2,
-    "RealESRGAN_x4plus_anime_6B": 4,
-    "NMKD_Siax": 4,
-    "4x_AnimeSharp": 4,
-}
 
 
 def test_every_horde_upscaler_is_served() -> None:

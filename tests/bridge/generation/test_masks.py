@@ -51,3 +51,21 @@ def test_mask_of_another_shape_is_parse_failed_and_alpha_takes_over() -> None:
     assert kind.mask == "alpha"
     assert [s.to_metadata()["value"] for s in subs] == ["parse_failed"]
     assert subs[0].to_metadata()["type"] == "source_mask"
+
+
+def test_outpainting_extends_a_source_of_another_shape_and_paints_the_border() -> None:
+    source = Image.new("RGBA", (40, 64), (200, 20, 20, 255))
+    source.putpixel((0, 0), (0, 0, 0, 0))  # one transparent pixel: painted too
+    sources, kind, subs = prepare_sources(source, None, "outpainting", (128, 64))
+    assert kind.mask == "extended" and kind.processing == "outpainting"
+    assert sources.image.size == sources.mask.size == (128, 64) and sources.image.mode == "RGB"
+    mask = np.asarray(sources.mask)
+    assert (mask[:, :44] == 255).all() and (mask[:, 84:] == 255).all()  # the new border
+    assert mask[0, 44] == 255 and (mask[1:, 44:84] == 0).all()  # the source: kept but its transparent pixel
+    assert np.asarray(sources.image)[10, 0].tolist() == [200, 20, 20]  # the border continues the edge
+    assert "extended to the asked shape" in subs[0].to_metadata()["ref"]
+    # Already the asked shape (up to 2%): plain inpainting of its transparent pixels, nothing extended.
+    same = prepare_sources(source, None, "outpainting", (40, 64))
+    assert same[1].mask == "alpha" and same[0].image.size == (40, 64) and same[2] == []
+    # img2img never extends.
+    assert prepare_sources(source, None, "img2img", (128, 64))[0].image.size == (40, 64)

@@ -245,12 +245,12 @@ def test_post_processing_in_order_and_unavailable_ones_reported(pipelines, tmp_p
     runtime.postprocessors = PostProcessorRegistry(
         weights_dir=weights, cache=cache, device=DevicePolicy.cpu()
     )
-    _, result, _ = run(runtime, post_processing=["RealESRGAN_x2plus", "4xNomos8kSC"])
+    _, result, _ = run(runtime, post_processing=["RealESRGAN_x2plus", "GFPGAN"])
     image = result.images[0]
     assert image.image.size == (128, 128)
     assert image.original is not None and image.original.size == (64, 64)  # what the safety pass reads
     refs = [m["ref"] for m in image.metadata]
-    assert refs == ["post-processor 4xNomos8kSC is not available on this worker: skipped"]
+    assert refs == ["post-processor GFPGAN is not available on this worker: skipped"]
 
 
 def test_post_processing_without_registry_is_skipped_and_reported(runtime: Runtime) -> None:

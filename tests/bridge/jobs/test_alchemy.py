@@ -401,3 +401,25 @@ def _drain(horde: LocalHorde, client: HordeClient, runtime: Runtime) -> int:
             job.send(client, submissions[0])
             served += 1
     return served
+
+
+@pytest.mark.parametrize("name", ["4xNomosWebPhoto_RealPLKSR", "2xModernSpanimationV1"])
+def test_a_bridge_v13_post_processor_as_an_alchemy_form(
+    horde: LocalHorde, client: HordeClient, cache: ModelCache, tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+) -> None:
+    from bridge import horde_names
+    from postprocessors.tiny import build_tiny_postprocessors
+
+    weights = tmp_path_factory.getbasetemp() / "alchemy-v13"
+    build_tiny_postprocessors(weights, categories=["esrgan"])
+    registry = PostProcessorRegistry(weights_dir=weights, cache=cache, device=DevicePolicy.cpu())
+    runtime = make_runtime(horde, [name], postprocessors=registry)
+    rid = horde.request_interrogation(encoded(picture(9, size=(40, 24))), [name])
+    jobs = pop_all(AlchemySource(), client, runtime)
+    assert [type(j) for j in jobs] == [PostProcessJob]
+    assert run_jobs(jobs, client, runtime) == [pytest.approx(3.0)]  # one 512² tile x 3 kudos
+    form = only_form(horde.interrogation_status(rid))
+    scale = horde_names.UPSCALER_SCALES[name]
+    with Image.open(io.BytesIO(horde.download(form["result"][name]))) as upscaled:
+        assert upscaled.format == "WEBP" and upscaled.size == (40 * scale, 24 * scale)

@@ -1,0 +1,158 @@
+"""bench/forms: the weightless alchemy forms (vectorize, palette, describe) through the daemon vs bare.
+
+Per form, on a 1024x1024 photo-like image (smooth gradients, flat shapes, fine noise; sent as a webp), side by
+side in one run, alternating: (a) bare: what the form costs without the worker, N times in a row: decode the
+webp the horde sends, then the library call the form makes (`bridge.jobs.weightless`); (b) daemon: N
+requests for that form served end to end by the real daemon (pop, source download and decode, compute,
+submit) from the local horde running in its own process, as the real horde is remote. The worker runs
+max_threads 1 and queue_size 2, a CPU alchemist's settings: the next sources download and decode while a
+form computes. Jobs per minute of each; target: daemon seconds per job / bare seconds per job <= 1.10 for
+every form. Also printed: the library call alone (the image already decoded) and the daemon against it;
+for palette and describe the decode of a 1024² webp (~40 ms) costs about as much as the form itself.
+
+Run from the repository root: .venv/bin/python -m bench.forms
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import statistics
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+from bench.harness import CACHE, HordeProcess
+from bridge.config import build_config
+from bridge.daemon import Daemon, LoopTimings
+from bridge.horde_api import HordeClient
+from bridge.jobs.alchemy import AlchemySource
+from bridge.jobs.weightless import COMPUTE
+from bridge.journal import Journal
+from bridge.retry import RetryPolicy
+from bridge.runtime import Runtime
+from bridge.sources import SourceFetcher
+from bridge.stats import Stats
+from models.device import DevicePolicy
+
+SIZE = 1024
+JOBS = {"vectorize": 2, "palette": 24, "describe": 48}
+ROUNDS = 5
+
+
+def photo_like(size: int = SIZE, seed: int = 0) -> Image.Image:
+    """A stand-in for a photograph: smooth light and colour gradients, flat objects, sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.stack([200 * x + 30, 160 * y + 40, 120 * (1 - x * y) + 60], axis=-1)
+    for _ in range(12):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.03, 0.15)
+        inside = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        image[inside] = rng.uniform(0, 255, 3)
+    image += rng.normal(0, 4, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+
+
+class FormsHorde(HordeProcess):
+    def request_interrogation(self, form: str, source_b64: str) -> str:
+        reply = self._http.post(f"{self.base_url}/api/v2/interrogate/async", timeout=30,
+                                json={"forms": [{"name": form}], "source_image": source_b64})  # fmt: skip
+        reply.raise_for_status()
+        return reply.json()["id"]
+
+    def form_states(self, ids: list[str]) -> list[str]:
+        return [self._http.get(f"{self.base_url}/api/v2/interrogate/status/{i}", timeout=10).json()["state"]
+                for i in ids]  # fmt: skip
+
+
+class _Counting(Stats):
+    """Signals when `expected` jobs are done (an event, not polling: no GIL taken from the jobs)."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.all_done = threading.Event()
+
+    def job_finished(self, kind, description, timings) -> None:
+        super().job_finished(kind, description, timings)
+        if self.jobs_done >= self.expected:
+            self.all_done.set()
+
+
+def runtime_for(horde: FormsHorde, form: str) -> Runtime:
+    settings = {"horde_url": horde.base_url, "api_key": horde.api_key, "alchemist_name": f"bench-{form}",
+                "forms": [form], "max_threads": 1, "queue_size": 2}  # fmt: skip
+    config = build_config(settings, environ={}).config
+    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=30))
+
+
+def bare_round(form: str, webp: bytes) -> tuple[float, float]:
+    """(seconds per job decoding + computing, seconds per job of the library call alone)."""
+    compute = COMPUTE[form]
+    call = 0.0
+    started = time.perf_counter()
+    for _ in range(JOBS[form]):
+        image = Image.open(io.BytesIO(webp))
+        image.load()
+        called = time.perf_counter()
+        compute(image)
+        call += time.perf_counter() - called
+    return (time.perf_counter() - started) / JOBS[form], call / JOBS[form]
+
+
+def daemon_round(horde: FormsHorde, form: str, source_b64: str, count: int | None = None) -> float:
+    count = count or JOBS[form]
+    ids = [horde.request_interrogation(form, source_b64) for _ in range(count)]
+    client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
+                         retry=RetryPolicy(base_delay=0.05, max_delay=0.5))  # fmt: skip
+    stats = _Counting(count)
+    daemon = Daemon(client=client, runtime=runtime_for(horde, form), sources=[AlchemySource()],
+                    journal=Journal(CACHE / "state" / f"forms-{time.time_ns()}.json"), stats=stats,
+                    timings=LoopTimings(idle_poll_s=0.05))  # fmt: skip
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    if not stats.all_done.wait(900):
+        raise TimeoutError(f"{form}: {stats.jobs_done}/{count} done")
+    wall = time.perf_counter() - started
+    daemon.request_stop("benchmark done")
+    thread.join(timeout=60)
+    client.close()
+    states = horde.form_states(ids)
+    if states != ["done"] * count:
+        raise RuntimeError(f"{form}: forms not all done: {states}")
+    return wall / count
+
+
+def main() -> None:
+    buffer = io.BytesIO()
+    photo_like().save(buffer, format="WEBP", quality=90)
+    webp = buffer.getvalue()
+    source_b64 = base64.b64encode(webp).decode()
+    ratios = {}
+    with FormsHorde(["stable_diffusion"]) as horde:
+        for form in JOBS:
+            daemon_round(horde, form, source_b64, count=1)  # warm-up: imports, first-call costs
+            bare, calls, daemon = [], [], []
+            for _ in range(ROUNDS):
+                whole, call = bare_round(form, webp)
+                bare.append(whole)
+                calls.append(call)
+                daemon.append(daemon_round(horde, form, source_b64))
+            bare_s, call_s, daemon_s = (statistics.median(v) for v in (bare, calls, daemon))
+            ratios[form] = daemon_s / bare_s
+            print(f"{form}: {JOBS[form]} jobs x {ROUNDS} rounds on {SIZE}x{SIZE}: "
+                  f"bare {60 / bare_s:.1f} jobs/min ({bare_s:.3f} s), "
+                  f"daemon {60 / daemon_s:.1f} jobs/min ({daemon_s:.3f} s), ratio {ratios[form]:.3f}; "
+                  f"library call alone {call_s:.3f} s, daemon over it {daemon_s / call_s:.3f} "
+                  f"(rounds bare {', '.join(f'{v:.3f}' for v in bare)}; daemon "
+                  f"{', '.join(f'{v:.3f}' for v in daemon)})", flush=True)  # fmt: skip
+    worst = max(ratios, key=ratios.get)
+    print(f"worst form: {worst}")
+    print(f"forms worst_form_over_bare {ratios[worst]:.3f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
