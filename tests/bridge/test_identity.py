@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,17 @@ def test_withheld_kinds_leave_out_what_our_own_settings_refuse() -> None:
     assert list(own.values()) == [3]  # img2img and painting are skipped because we said no
 
 
-def test_the_first_pops_tell_the_operator_what_the_horde_withholds(tiny_reference: Path, tmp_path: Path,
-                                                                   caplog) -> None:  # fmt: skip
+def test_the_first_pops_tell_the_operator_what_the_horde_withholds(
+    tiny_reference: Path, tmp_path: Path, caplog, passing_safety
+) -> None:
     """Through the daemon and the local horde, with the default (unknown to the horde) bridge name."""
     manager = make_manager(tiny_reference, ("tiny-sd1-diffusers",))
     with LocalHorde(known_models=manager.ready_models()) as horde:
         horde.request_generation(small_params(), models=["tiny-sd1-diffusers"], source_image=webp())
         horde.request_generation(small_params(post_processing=["GFPGAN"]), models=["tiny-sd1-diffusers"])
         horde.request_generation(small_params(hires_fix=True), models=["tiny-sd1-diffusers"])
-        runtime = make_runtime(manager, api_key=DEFAULT_API_KEY, dreamer_name="identity-worker")
+        runtime = make_runtime(manager, passing_safety, api_key=DEFAULT_API_KEY,
+                               dreamer_name="identity-worker")
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="identity-tests:0:none")
         source = GenerationSource()
         journal, timings = Journal(tmp_path / "j.json"), LoopTimings(idle_poll_s=0.02)
@@ -58,7 +61,8 @@ def test_the_first_pops_tell_the_operator_what_the_horde_withholds(tiny_referenc
             thread = threading.Thread(target=daemon.run, daemon=True)
             thread.start()
             try:
-                while len(source.withheld.seen) < 2 and thread.is_alive():
+                deadline = time.monotonic() + 60
+                while len(source.withheld.seen) < 2 and thread.is_alive() and time.monotonic() < deadline:
                     thread.join(0.05)
                 thread.join(0.3)  # more idle pops: nothing new to say
             finally:

@@ -66,13 +66,15 @@ def upscaler(tmp_path_factory: pytest.TempPathFactory) -> PostProcessorRegistry:
 
 
 @pytest.fixture(scope="module")
-def served(xl_models: RecordingManager, upscaler: PostProcessorRegistry, tmp_path_factory) -> Iterator[Any]:
+def served(
+    xl_models: RecordingManager, upscaler: PostProcessorRegistry, tmp_path_factory, passing_safety: Any
+) -> Iterator[Any]:
     """A local horde that knows the tiny SDXL models as SDXL, and the daemon serving them."""
     baselines = dict.fromkeys((XL, XL_INPAINT), "stable_diffusion_xl")
     # Our bridge name is granted reGen's capabilities here; on the real horde only the listed names get them.
     with LocalHorde(known_models=baselines, extra_bridges={BRIDGE_NAME: "AI Horde Worker reGen"}) as horde:
-        runtime = make_runtime(xl_models, api_key=DEFAULT_API_KEY, dreamer_name="sdxl-worker", max_batch=4,
-                               max_power=40)  # fmt: skip
+        runtime = make_runtime(xl_models, passing_safety, api_key=DEFAULT_API_KEY, dreamer_name="sdxl-worker",
+                               max_batch=4, max_power=40)  # fmt: skip
         runtime.postprocessors = upscaler
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent="sdxl-tests:0:none")
         daemon = Daemon(client=client, runtime=runtime, sources=[GenerationSource()],
