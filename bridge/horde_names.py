@@ -12,12 +12,11 @@ Facts from the AI Horde server v5.1.5 (horde/consts.py KNOWN_POST_PROCESSORS, th
 
 from __future__ import annotations
 
-# Alchemy forms answered by a model that reads the image (interrogators/).
-INTERROGATOR_FORMS: tuple[str, ...] = ("caption", "interrogation", "nsfw")
+# Alchemy forms answered by a model that reads the image (interrogators/; nsfw and aesthetic on the safety
+# pass's CLIP embedding).
+INTERROGATOR_FORMS: tuple[str, ...] = ("caption", "interrogation", "nsfw", "aesthetic")
 # Alchemy forms computed by plain image libraries, without model weights (bridge/jobs/weightless.py).
 WEIGHTLESS_FORMS: tuple[str, ...] = ("vectorize", "palette", "describe")
-# Alchemy forms that score the image with a small model on CLIP embeddings.
-SCORE_FORMS: tuple[str, ...] = ("aesthetic",)
 
 # Post-processors by kind. Upscalers map to their exact output scale.
 UPSCALER_SCALES: dict[str, int] = {
@@ -56,8 +55,10 @@ POST_PROCESSORS: tuple[str, ...] = (
     "GFPGANv1.3",
     "RestoreFormer",
 )
-# Every alchemy form the server accepts, in its swagger enum's order.
-FORMS: tuple[str, ...] = (*INTERROGATOR_FORMS, *WEIGHTLESS_FORMS, *SCORE_FORMS, *POST_PROCESSORS)
+# Every alchemy form the server accepts, in its swagger enum's order (aesthetic after the weightless three).
+FORMS: tuple[str, ...] = (
+    *INTERROGATOR_FORMS[:3], *WEIGHTLESS_FORMS, *INTERROGATOR_FORMS[3:], *POST_PROCESSORS
+)
 
 # Values of a generation's source_processing (remix is for Stable Cascade only).
 SOURCE_PROCESSING: tuple[str, ...] = ("img2img", "inpainting", "outpainting", "remix")

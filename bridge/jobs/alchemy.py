@@ -51,7 +51,7 @@ FORM_TTL = 180.0  # the horde aborts a form 3 minutes after the pop
 # Upscale forms of sources with more 512x512 tiles than this are not offered to us. A worker follows its
 # measured upscaling speed instead (bridge/jobs/tiles.py); this is the value before anything is measured.
 DEFAULT_MAX_TILES = 16
-INTERROGATOR_FORMS = (*horde_names.INTERROGATOR_FORMS, *horde_names.SCORE_FORMS)  # interrogators/ answers
+INTERROGATOR_FORMS = horde_names.INTERROGATOR_FORMS
 UPLOAD_BUDGET_S = 30.0  # an R2 PUT that has not worked within this long will not
 
 
