@@ -42,7 +42,8 @@ def runtime_for(horde: LocalHorde, forms: list[str]) -> Runtime:
     config = build_config(
         {"api_key": horde.api_key, "alchemist_name": "names-alchemist", "forms": forms}, environ={}
     ).config
-    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=5, allow_private=True))
+    fetcher = SourceFetcher(timeout=5, allow_private=True)  # the local horde is on loopback
+    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher)
 
 
 def test_the_local_horde_publishes_the_servers_names(horde: LocalHorde) -> None:
@@ -109,7 +110,8 @@ def test_unknown_config_form_and_withdrawn_form_through_the_daemon(horde: LocalH
     loaded = build_config({"api_key": horde.api_key, "alchemist_name": "names-daemon",
                            "forms": ["annotation", "palette", "describe"]}, environ={})  # fmt: skip
     assert any("'annotation' dropped" in w for w in loaded.warnings)
-    runtime = Runtime(config=loaded.config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=5, allow_private=True))
+    fetcher = SourceFetcher(timeout=5, allow_private=True)  # the local horde is on loopback
+    runtime = Runtime(config=loaded.config, device=DevicePolicy.cpu(), fetcher=fetcher)
     timings = LoopTimings(idle_poll_s=0.05, error_poll_s=0.05)
     daemon = Daemon(client=client_for(horde), runtime=runtime, sources=[AlchemySource()],
                     journal=Journal(tmp_path / "j.json"), timings=timings)  # fmt: skip

@@ -120,7 +120,8 @@ def weightless_runtime(horde: LocalHorde, forms: list[str]) -> Runtime:
     config = build_config(
         {"api_key": horde.api_key, "alchemist_name": "weightless-alchemist", "forms": forms}, environ={}
     ).config
-    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=5, allow_private=True))
+    fetcher = SourceFetcher(timeout=5, allow_private=True)  # the local horde is on loopback
+    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher)
 
 
 def test_the_three_forms_through_the_daemon(horde: LocalHorde, tmp_path: Path) -> None:
