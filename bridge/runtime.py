@@ -21,3 +21,4 @@ class Runtime:
     postprocessors: Any = None  # postprocessors.registry.PostProcessorRegistry
     interrogators: Any = None  # interrogators.InterrogatorSet
     safety: Any = None  # interrogators.nsfw.NsfwChecker, used to censor generations
+    loras: Any = None  # bridge.lora.service.LoraSupport: LoRAs and textual inversions (allow_lora)

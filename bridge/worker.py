@@ -167,6 +167,7 @@ def build_worker(
                                       cache_home=Path(config.cache_home), models=plan.models)
         runtime.safety = build_interrogators(models_dir=weights, cache=cache, device=device,
                                              forms=[NSFW_FORM], **names).nsfw
+        runtime.loras = lora_support(config)
         sources.append(GenerationSource())
     if plan.alchemist:
         from bridge.jobs.alchemy import AlchemySource
@@ -179,6 +180,23 @@ def build_worker(
         runtime.interrogators.warm()
         sources.append(AlchemySource())
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
+
+
+def lora_support(config: BridgeConfig, cache_home: Path | None = None):
+    """LoRA/TI support (bridge.lora) when allow_lora is on; None otherwise (such jobs are then not popped)."""
+    if not config.allow_lora:
+        return None
+    from bridge.lora.service import LoraSupport
+
+    return LoraSupport.from_config(config, Path(cache_home or config.cache_home))
+
+
+def served_baselines(worker: Worker) -> set[str]:
+    """The baselines of the generation models this worker serves (which LoRAs are worth prefetching)."""
+    models = worker.runtime.models
+    if models is None:
+        return set()
+    return {(models.record(name).baseline or "stable diffusion 1").lower() for name in models.models}
 
 
 def cpu_torch_threads(cores: int, max_threads: int) -> int:
@@ -248,12 +266,16 @@ def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
     daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources, journal=journal,
                     stats=stats)
     restore = install_signal_handlers(daemon)
+    if worker.runtime.loras is not None:  # never blocks: serving starts now, files arrive in the background
+        worker.runtime.loras.start_background(config.prefetch_loras, served_baselines(worker))
     try:
         with StatsReporter(stats, config.stats_output_frequency), follow_queue(worker, client, config), \
                 live_status(stats, enabled=not config.disable_terminal_ui):
             code = daemon.run()
     finally:
         restore()
+        if worker.runtime.loras is not None:
+            worker.runtime.loras.stop()
     if daemon.stop_reason:
         log.error("stopped: %s", daemon.stop_reason)
     return code
@@ -310,4 +332,8 @@ def download_models(config: BridgeConfig) -> int:
     ready = download_weights(config, plan)
     for name, ok in ready.items():
         log.info("%s: %s", name, "ready" if ok else "NOT ready (see above)")
+    support = lora_support(config) if plan.dreamer else None
+    if support is not None and config.prefetch_loras and support.probe():
+        baselines = {(plan.reference.get(n).baseline or "stable diffusion 1").lower() for n in plan.models}
+        support.prefetch(config.prefetch_loras, baselines)
     return 0 if ready and all(ready.values()) else 1

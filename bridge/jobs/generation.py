@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -31,6 +31,7 @@ from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
+    from bridge.lora.plan import JobExtras
     from bridge.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class GenerationJob(Job):
         super().__init__()
         self.pop = pop
         self.fetched = FetchedSources(metadata=[])
+        self.extras: JobExtras | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -72,7 +74,19 @@ class GenerationJob(Job):
         # A mask without its source means nothing: don't spend a download on it.
         mask = self._fetch(runtime, self.pop.source_mask, "source_mask") if image is not None else None
         self.fetched.image, self.fetched.mask = image, mask
+        self.extras = self._prepare_extras(runtime)
         self.timings.source_download = time.monotonic() - started
+
+    def _prepare_extras(self, runtime: Runtime) -> JobExtras | None:
+        """LoRAs and TIs resolved and downloaded ahead of the run (bridge/lora); None when none are asked or
+        this worker has no LoRA support (build_request then reports them as not applied)."""
+        payload = self.pop.payload
+        if not (payload.loras or payload.tis) or runtime.loras is None:
+            return None
+        record = self._record(runtime)
+        if record is None:
+            return None
+        return runtime.loras.prepare(payload, record, ttl=self.pop.ttl)
 
     def _fetch(self, runtime: Runtime, source: str | None, kind: str) -> Image.Image | None:
         if not source:
@@ -98,15 +112,18 @@ class GenerationJob(Job):
             source_subs.append(
                 Substitution("extra_source_images", count, 0, why, meta_type="extra_source_images")
             )
+        payload = self.pop.payload
+        if self.extras is not None:  # triggers and TI markers are in the prompt; the LoRAs/TIs are handled
+            payload = payload.model_copy(update={"prompt": self.extras.prompt, "loras": [], "tis": []})
         try:
             request, subs = build_request(
-                self.pop.payload,
+                payload,
                 record,
                 kind,
                 WorkerLimits.from_config(runtime.config),
                 n_images=len(self.ids),
             )
-            result = run_generation(runtime, request, sources)
+            result = run_generation(runtime, replace(request, extras=self.extras), sources)
         except (RequestFault, CensorUnavailable) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))
@@ -125,7 +142,8 @@ class GenerationJob(Job):
             return None
 
     def _submissions(self, result: GenerationResult, subs: list[Substitution]) -> list[Submission]:
-        shared = [*self.fetched.metadata, *(s.to_metadata() for s in subs)]
+        extras = self.extras.metadata if self.extras is not None else []
+        shared = [*self.fetched.metadata, *extras, *(s.to_metadata() for s in subs)]
         batched = len(self.ids) > 1
         submissions = []
         for job_id, generated in zip(self.ids, result.images, strict=True):
@@ -193,7 +211,8 @@ class GenerationSource(JobSource):
     def pop(self, client: HordeClient, runtime: Runtime, capacity: int) -> list[Job]:
         if capacity < 1 or not self.ready(runtime):
             return []
-        reply = client.pop_generation(pop_request(runtime.config, runtime.models.ready_models()))
+        allow_lora = runtime.loras is not None and runtime.loras.available()
+        reply = client.pop_generation(pop_request(runtime.config, runtime.models.ready_models(), allow_lora))
         for message in reply.messages:
             logger.info("message from the horde (%s): %s", message.origin or "horde", message.message)
         if reply.is_idle:
@@ -203,8 +222,9 @@ class GenerationSource(JobSource):
         return [GenerationJob(reply)]
 
 
-def pop_request(config: Any, models: list[str]) -> GenerationPopRequest:
-    """The generate/pop body from the worker's config (legacy key names) and its ready models."""
+def pop_request(config: Any, models: list[str], allow_lora: bool = False) -> GenerationPopRequest:
+    """The generate/pop body from the worker's config (legacy key names) and its ready models; `allow_lora`
+    only when LoRA support works here now (bridge.lora.service.LoraSupport.available)."""
     return GenerationPopRequest(
         name=dreamer_name(config),
         models=models,
@@ -224,6 +244,6 @@ def pop_request(config: Any, models: list[str]) -> GenerationPopRequest:
         # Neither is implemented: advertising them would only earn faulted jobs.
         allow_controlnet=False,
         allow_sdxl_controlnet=False,
-        allow_lora=False,
+        allow_lora=allow_lora,
         limit_max_steps=config.limit_max_steps,
     )

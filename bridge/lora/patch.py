@@ -21,25 +21,26 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from bridge.lora.weights import COMPONENTS, LoraWeights
+from bridge.lora.prompts import install_hooks
+from bridge.lora.weights import COMPONENTS, LoraFormatError, LoraWeights
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoraUse:
-    """One LoRA of a job: its parsed weights, its identity (file digest) and the two strengths."""
+    """One LoRA of a job: its identity (file digest), how to read it (read only to merge it), strengths."""
 
     key: str
     name: str
-    weights: LoraWeights
+    load: Callable[[], LoraWeights]
     model: float = 1.0
     clip: float = 1.0
 
@@ -51,6 +52,7 @@ class PatchReport:
     changed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # LoRA name -> modules that did not fit the model
     matched: dict[str, int] = field(default_factory=dict)  # LoRA name -> modules merged
+    failed: dict[str, str] = field(default_factory=dict)  # LoRA name -> why its file could not be read
     apply_s: float = 0.0
     undo_s: float = 0.0
     reused: bool = False
@@ -90,8 +92,13 @@ def _deltas(pipe: Any, uses: Sequence[LoraUse], report: PatchReport) -> dict[int
     """id(weight) -> (weight, summed float32 delta at the job's strengths)."""
     out: dict[int, tuple[Any, torch.Tensor]] = {}
     for use in uses:
+        try:
+            weights = use.load()
+        except LoraFormatError as exc:
+            report.failed[use.name] = str(exc)
+            continue
         matched = skipped = 0
-        for (component, module), pair in use.weights.pairs.items():
+        for (component, module), pair in weights.pairs.items():
             strength = use.model if component == "unet" else use.clip
             weight = _target(pipe, component, module)
             if weight is None or component not in COMPONENTS:
@@ -140,13 +147,12 @@ class ModelLoras:
                         self._cond.wait()
                 finally:
                     self._waiting_other -= 1
+            if self._users == 0:
+                install_hooks(pipe)  # alone on the model: the one safe moment to add hooks
             if self._joinable(pipe, key):
-                report = PatchReport(
-                    changed=self._last.changed,
-                    skipped=dict(self._last.skipped),
-                    matched=dict(self._last.matched),
-                    reused=True,
-                )
+                last = self._last
+                report = PatchReport(last.changed, dict(last.skipped), dict(last.matched), dict(last.failed))
+                report.reused = True
             else:
                 report = self._switch(pipe, uses, key)
             self._users += 1
