@@ -31,6 +31,7 @@ from bridge.lora.civitai import (
     LoginRequired,
     RedactTokens,
     Resolved,
+    redact,
 )
 from models.downloads import SIDECAR_SUFFIX, Downloader, verify_file
 from models.reference import DownloadSpec, FileSpec, ModelRecord
@@ -247,12 +248,13 @@ class LoraStore:
         finally:
             session.close()
         if not outcome.ok:
-            status = _STATUS.search(outcome.reason)
+            reason = redact(outcome.reason)  # the URL in it carries the token; this text reaches gen_metadata
+            status = _STATUS.search(reason)
             code = int(status.group(1)) if status else None
-            if code in FINAL_STATUSES or "sha256" in outcome.reason:
-                raise self._final(key, outcome.reason, code)
-            self.civitai.note_failure(outcome.reason)
-            raise CivitaiError(outcome.reason, final=False, status=code)
+            if code in FINAL_STATUSES or "sha256" in reason:
+                raise self._final(key, reason, code)
+            self.civitai.note_failure(reason)
+            raise CivitaiError(reason, final=False, status=code)
         path = self.folder(resolved.kind) / file
         size = path.stat().st_size
         logger.info(
