@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class ModelLoras:
         self._cond = threading.Condition()
         self._key: tuple = ()
         self._users = 0
-        self._waiting_other = 0
+        self._queue: deque[object] = deque()
         self._saved: list[_Saved] = []
         self._modules: list[tuple[str, weakref.ref]] = []
         self._probe: tuple[torch.nn.Parameter, int, float] | None = None
@@ -140,16 +141,20 @@ class ModelLoras:
         """Hold the model with exactly `uses` merged (none: the original weights) for the block."""
         key = tuple((u.key, float(u.model), float(u.clip)) for u in uses)
         with self._cond:
-            if not self._joinable(pipe, key):
-                self._waiting_other += 1
+            if self._queue or not self._same(pipe, key):
+                # First come, first served: a job wanting the current set does not overtake one waiting
+                # for another set (it would starve), it queues behind it.
+                ticket = object()
+                self._queue.append(ticket)
                 try:
-                    while not (self._users == 0 or self._joinable(pipe, key)):
+                    while not (self._queue[0] is ticket and (self._users == 0 or self._same(pipe, key))):
                         self._cond.wait()
                 finally:
-                    self._waiting_other -= 1
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()  # the next in line may share this set
             if self._users == 0:
                 install_hooks(pipe)  # alone on the model: the one safe moment to add hooks
-            if self._joinable(pipe, key):
+            if self._same(pipe, key):
                 last = self._last
                 report = PatchReport(last.changed, dict(last.skipped), dict(last.matched), dict(last.failed))
                 report.reused = True
@@ -168,10 +173,8 @@ class ModelLoras:
         """(file key, model, clip) of each LoRA merged now; () when the weights are the original ones."""
         return self._key
 
-    def _joinable(self, pipe: Any, key: tuple) -> bool:
-        same = self._key == key and self._valid(pipe)
-        # Others waiting for a different set go first: joiners with the current set would starve them.
-        return same and (self._users == 0 or self._waiting_other == 0)
+    def _same(self, pipe: Any, key: tuple) -> bool:
+        return self._key == key and self._valid(pipe)
 
     def _valid(self, pipe: Any) -> bool:
         """Whether the merged state still stands: the same modules, and a merged weight still merged (the
