@@ -67,7 +67,7 @@ class LoraSupport:
     def probe(self) -> bool:
         """Ask CivitAI once (a one-item listing); the answer feeds `available()`."""
         try:
-            self.civitai.get_json("/api/v1/models?limit=1&types=LORA", deadline=time.monotonic() + 10)
+            self.civitai.get_json("/api/v1/models?limit=1&types=LORA", deadline=None)  # one try
             self._probed = True
         except CivitaiError as exc:
             logger.warning("CivitAI at %s did not answer (%s)", self.civitai.base_url, exc)
