@@ -1,8 +1,9 @@
 """run_worker.py --demo: the real daemon against a local horde, offline, on sample requests of every kind.
 
 1. Build (once) tiny random-weight models of every kind under `<cache_home>/tiny` — unless the operator's
-   real models are present, which are then used instead.
-2. Start the local horde (`local_horde`) on loopback and post sample requests as a requester would.
+   real models are present, which are then used instead — and tiny LoRAs/TIs in CivitAI's file layouts.
+2. Start the local horde (`local_horde`, with its CivitAI stand-in holding the tiny LoRAs/TIs) on loopback
+   and post sample requests as a requester would (one of them with a LoRA, one with a TI).
 3. Run the real daemon (the same `build_worker` + `Daemon` as a live worker) until every request is done.
 4. Download the results into the output folder and print a table.
 
@@ -28,7 +29,7 @@ from bridge.daemon import Daemon
 from bridge.horde_api import HordeClient
 from bridge.journal import Journal
 from bridge.stats import Stats
-from bridge.worker import CLIENT_AGENT, build_worker, load_reference, plan_worker
+from bridge.worker import CLIENT_AGENT, build_worker, load_reference, lora_support, plan_worker
 from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def build_demo_models(tiny_dir: Path) -> tuple[Path, list[str]]:
 
 
 def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list[str]) -> BridgeConfig:
-    """The operator's settings, pointed at the local horde, serving both job families."""
+    """The operator's settings, pointed at the local horde (and its CivitAI stand-in), serving both job
+    families, LoRAs and TIs included."""
     forms = ["caption", "interrogation", "nsfw", "RealESRGAN_x2plus", "strip_background"]
     return config.model_copy(update={
         "horde_url": horde_url, "api_key": api_key, "models_to_load": models, "models_to_skip": [],
@@ -82,6 +84,8 @@ def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list
         "max_power": max(config.max_power, 8), "disable_terminal_ui": True, "stats_output_frequency": 0,
         "dynamic_models": False, "custom_model_reference": [],
         "state_dir": str(Path(config.state_dir) / "demo"),
+        "allow_lora": True, "civitai_url": horde_url + "/civitai", "civitai_api_token": None,
+        "prefetch_loras": 0,
     })
 
 
@@ -103,6 +107,10 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
                            source_processing="img2img", params={**base, "denoising_strength": 0.7})),
         ("txt2img + RealESRGAN_x2plus", dict(prompt="a castle", models=[sd],
                                              params={**base, "post_processing": ["RealESRGAN_x2plus"]})),
+        ("txt2img + LoRA", dict(prompt="a lighthouse at dusk###blurry", models=[sd], params={
+            **base, "seed": "42", "loras": [{"name": "Tiny Glow", "model": 0.8, "inject_trigger": "any"}]})),
+        ("txt2img + TI", dict(prompt="a lighthouse at dusk###blurry", models=[sd], params={
+            **base, "seed": "42", "tis": [{"name": "tinyneg", "inject_ti": "negprompt"}]})),
     ]
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]
@@ -119,7 +127,10 @@ def _save_generation(horde, status: dict[str, Any], folder: Path, label: str) ->
         img = gen.get("img")
         if img and str(img).startswith("http"):
             (folder / name).write_bytes(horde.download(img))
-        rows.append(f"{gen.get('state', '?')} seed={gen.get('seed')} -> {name}")
+        refs = [str(m.get("ref", "")) for m in gen.get("gen_metadata") or []]
+        extras = [ref for ref in refs if ref.startswith(("lora ", "ti "))]
+        note = f" ({'; '.join(extras)})" if extras else ""
+        rows.append(f"{gen.get('state', '?')} seed={gen.get('seed')} -> {name}{note}")
     return rows or [f"faulted ({status.get('faulted')})"]
 
 
@@ -138,20 +149,25 @@ def _save_alchemy(horde, status: dict[str, Any], folder: Path, label: str) -> li
 
 
 def run_demo(config: BridgeConfig, *, output_dir: Path) -> int:
+    from bridge.lora.tiny import add_to_standin, build_tiny_extras
     from local_horde import DEFAULT_API_KEY, LocalHorde
 
     tiny_dir = Path(config.cache_home) / "tiny"
     started = time.monotonic()
     log.info("building tiny demo models in %s (once)", tiny_dir)
     reference, models = build_demo_models(tiny_dir)
+    extras = build_tiny_extras(tiny_dir / "lora-files")
     log.info("models ready in %.1f s", time.monotonic() - started)
     grant = {bridge_agent_name(config): "AI Horde Worker reGen"}
     with LocalHorde(known_models=models, extra_bridges=grant) as horde:
+        add_to_standin(horde.civitai, extras)
         settings = demo_config(config, horde.base_url, DEFAULT_API_KEY, models)
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent=CLIENT_AGENT)
         plan = plan_worker(settings, has_gpu=False, client=client,
                            reference=load_reference(settings, [reference], upstream=False))
         worker = build_worker(settings, plan, weights_dir=tiny_dir, interrogator_models=TINY_INTERROGATORS)
+        # The demo's LoRA cache stays beside its tiny models, out of the operator's real one.
+        worker.runtime.loras = lora_support(settings, tiny_dir / "demo-cache")
         requests = post_samples(horde, models)
         daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources,
                         journal=Journal(Path(settings.state_dir) / "inflight.json"), stats=Stats())
