@@ -162,7 +162,7 @@ class CivitaiStandIn:
     def _search(self, args: dict[str, str]) -> CivitaiAnswer:
         types = args.get("types")
         query = (args.get("query") or "").lower()
-        limit = _int(args.get("limit")) or 20
+        limit = _int(args.get("limit")) if _int(args.get("limit")) > 0 else 20
         models = sorted(self._models.values(), key=lambda m: -m.rating)
         items = [
             self._model_json(m)
