@@ -68,6 +68,7 @@ class PlannedLora:
     key: str  # the file's identity (sha256 or path)
     model: float
     clip: float
+    cache_key: str | None = None  # its entry in the LoRA cache (None: a hand-placed file)
 
 
 @dataclass
@@ -183,7 +184,8 @@ def _plan_lora(
     model, clip = _clamp(spec.model), _clamp(spec.clip)
     title = resolved.name if resolved is not None else path.stem
     key = resolved.sha256 if resolved is not None else str(path)
-    extras.loras.append(PlannedLora(name, title, path, key, model, clip))
+    cache_key = f"lora:{resolved.version_id}" if resolved is not None else None
+    extras.loras.append(PlannedLora(name, title, path, key, model, clip, cache_key))
     words = resolved.trained_words if resolved is not None else ()
     trigger = pick_trigger(words, spec.inject_trigger, seed)
     if trigger:

@@ -116,7 +116,8 @@ class LoraSupport:
         planned = list(extras.loras) if extras is not None else []
         sdxl = getattr(pipe, "text_encoder_2", None) is not None
         uses = [LoraUse(p.key, p.title, self._loader(p, sdxl, pipe), p.model, p.clip) for p in planned]
-        with self.store.in_use([p.key for p in planned]), self.patcher.use(model, pipe, uses) as report:
+        in_use = [p.cache_key for p in planned if p.cache_key]
+        with self.store.in_use(in_use), self.patcher.use(model, pipe, uses) as report:
             if extras is not None:
                 self._report(extras, planned, report)
             yield report

@@ -97,3 +97,11 @@ def test_any_trigger_is_chosen_with_the_seed() -> None:
     assert pick_trigger(words, "any", 5) == pick_trigger(words, "any", 5)
     assert pick_trigger(words, "zzz", 1) is None and pick_trigger([], "all", 1) is None
     assert pick_trigger(words, "GAMMA", 1) == "gamma" and pick_trigger(words, "delt", 1) == "delta"
+
+
+def test_the_worker_builds_lora_support_only_when_allowed(tmp_path: Path) -> None:
+    from bridge.worker import lora_support
+
+    assert lora_support(BridgeConfig(cache_home=str(tmp_path))) is None
+    support = lora_support(BridgeConfig(cache_home=str(tmp_path), allow_lora=True))
+    assert isinstance(support, LoraSupport) and support.store.root == tmp_path / "lora"
