@@ -312,7 +312,7 @@ class CivitaiClient:
         attempt = 0
         while True:
             try:
-                return self._get_once(url)
+                return self._get_once(url, deadline)
             except CivitaiError as exc:
                 if exc.final:
                     raise
@@ -324,10 +324,13 @@ class CivitaiClient:
                 self._sleep(delay)
                 attempt += 1
 
-    def _get_once(self, url: str) -> dict[str, Any]:
+    def _get_once(self, url: str, deadline: float | None) -> dict[str, Any]:
         self.requests += 1
+        timeout = (
+            self._timeout if deadline is None else min(self._timeout, max(1.0, deadline - self._clock()))
+        )
         try:
-            response = self._session.get(url, timeout=self._timeout, allow_redirects=False)
+            response = self._session.get(url, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
             raise CivitaiError(f"{type(exc).__name__}: {exc}", final=False) from exc
         status = response.status_code

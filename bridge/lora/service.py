@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 PARSED_KEEP = 8  # LoRA files kept parsed in RAM (switching back to a recent set needs no re-read)
 FETCH_SHARE_OF_TTL = 0.5  # the part of a job's ttl its downloads may take; the rest is for generating
 DEFAULT_TTL_S = 120.0
+WRITABLE_RECHECK_S = 300.0
 
 
 class LoraSupport:
@@ -51,6 +52,7 @@ class LoraSupport:
         self._probed: bool | None = None
         self._last_state: tuple[bool, str] | None = None
         self._stop = threading.Event()
+        self._writable_at: tuple[float, bool] | None = None
 
     @classmethod
     def from_config(cls, config: Any, cache_home: Path) -> LoraSupport:
@@ -78,13 +80,20 @@ class LoraSupport:
         """(allow_lora, why) as things stand now."""
         if not self.enabled:
             return False, "allow_lora is false"
-        if not self.store.writable():
+        if not self._writable():
             return False, f"the LoRA cache {self.store.root} is not writable"
         if not self.civitai.reachable():
             return False, "CivitAI failed repeatedly: backing off"
         if self._probed is False and self.store.is_empty():
             return False, "CivitAI is unreachable and the LoRA cache is empty"
         return True, "CivitAI reachable" if self._probed is not False else "serving the LoRA cache"
+
+    def _writable(self) -> bool:
+        # Checked on the disk at most every few minutes: pops come every second.
+        now = time.monotonic()
+        if self._writable_at is None or now - self._writable_at[0] > WRITABLE_RECHECK_S:
+            self._writable_at = (now, self.store.writable())
+        return self._writable_at[1]
 
     def available(self) -> bool:
         allowed, why = self.state()

@@ -234,6 +234,8 @@ class LoraStore:
             retry_attempts=self._retry_attempts,
             progress=False,
             sleep=self._deadline_sleep(deadline),
+            # A stalled transfer must not outlive the job: no read waits longer than the time left.
+            timeout=30.0 if deadline is None else min(30.0, max(2.0, deadline - self._clock())),
         )
         started = time.monotonic()
         try:
