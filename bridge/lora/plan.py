@@ -183,6 +183,8 @@ def _plan_lora(
         return None
     model, clip = _clamp(spec.model), _clamp(spec.clip)
     title = resolved.name if resolved is not None else path.stem
+    if (model, clip) != (spec.model, spec.clip):
+        extras.inform(f"lora {title}: strengths model {spec.model:g} / clip {spec.clip:g} clamped to -5...5")
     key = resolved.sha256 if resolved is not None else str(path)
     cache_key = f"lora:{resolved.version_id}" if resolved is not None else None
     extras.loras.append(PlannedLora(name, title, path, key, model, clip, cache_key))
@@ -230,6 +232,8 @@ def _plan_ti(
     for key in keys:
         extras.tis[key] = embedding
     strength = _clamp(spec.strength)
+    if strength != spec.strength:
+        extras.inform(f"ti {name}: strength {spec.strength:g} clamped to {strength:g}")
     marker = f"(embedding:{name.lower()}:{strength:g})"
     if spec.inject_ti == "prompt":
         positive = f"{marker},{positive}" if positive.strip() else marker
