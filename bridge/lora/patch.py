@@ -89,9 +89,9 @@ def _target(pipe: Any, component: str, module: str) -> torch.nn.Parameter | None
     return weight if isinstance(weight, torch.nn.Parameter) else None
 
 
-def _deltas(pipe: Any, uses: Sequence[LoraUse], report: PatchReport) -> dict[int, tuple[Any, torch.Tensor]]:
-    """id(weight) -> (weight, summed float32 delta at the job's strengths)."""
-    out: dict[int, tuple[Any, torch.Tensor]] = {}
+def _targets(pipe: Any, uses: Sequence[LoraUse], report: PatchReport) -> dict[int, tuple[Any, list]]:
+    """id(weight) -> (weight, [(pair, strength), ...]) for every weight the LoRAs fit."""
+    out: dict[int, tuple[Any, list]] = {}
     for use in uses:
         try:
             weights = use.load()
@@ -102,23 +102,26 @@ def _deltas(pipe: Any, uses: Sequence[LoraUse], report: PatchReport) -> dict[int
         for (component, module), pair in weights.pairs.items():
             strength = use.model if component == "unet" else use.clip
             weight = _target(pipe, component, module)
-            if weight is None or component not in COMPONENTS:
-                skipped += 1
-                continue
-            delta = pair.delta()
-            if delta.numel() != weight.numel():
+            if weight is None or pair.numel != weight.numel():
                 skipped += 1
                 continue
             matched += 1
-            if strength == 0:
-                continue
-            delta = delta.to(weight.device).reshape(weight.shape) * strength
-            previous = out.get(id(weight))
-            out[id(weight)] = (weight, delta if previous is None else previous[1] + delta)
+            if strength != 0:
+                out.setdefault(id(weight), (weight, []))[1].append((pair, float(strength)))
         report.matched[use.name] = matched
         if skipped:
             report.skipped[use.name] = skipped
     return out
+
+
+def _merged(current: torch.Tensor, pairs: list) -> torch.Tensor:
+    """A new tensor: current + sum(strength * up @ down), computed in float32, in current's dtype."""
+    base = current.reshape(current.shape[0], -1)
+    merged = base.float() if base.dtype != torch.float32 else base
+    for pair, strength in pairs:
+        up, down = pair.up.to(current.device), pair.down.to(current.device)
+        merged = torch.addmm(merged, up, down, alpha=strength)  # a new tensor: `current` is never written
+    return merged.to(current.dtype).reshape(current.shape)
 
 
 class ModelLoras:
@@ -211,9 +214,9 @@ class ModelLoras:
 
     @torch.no_grad()
     def _apply(self, pipe: Any, uses: Sequence[LoraUse], report: PatchReport) -> None:
-        for weight, delta in _deltas(pipe, uses, report).values():
+        for weight, pairs in _targets(pipe, uses, report).values():
             current = weight.data
-            patched = (current.float() + delta).to(current.dtype)
+            patched = _merged(current, pairs)
             if current.device.type == "cpu":
                 self._saved.append(_Saved(weight, current, in_place=False))
                 weight.data = patched

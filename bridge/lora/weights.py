@@ -31,12 +31,18 @@ class LoraFormatError(ValueError):
 
 @dataclass(frozen=True)
 class LoraPair:
-    up: torch.Tensor  # [out, rank(, 1, 1)], alpha / rank already folded in
-    down: torch.Tensor  # [rank, in(, kh, kw)]
+    """Kept in float32 and flattened to 2-D when read, so merging is one matmul-add per weight."""
+
+    up: torch.Tensor  # [out, rank], alpha / rank already folded in
+    down: torch.Tensor  # [rank, in * kh * kw]
+
+    @property
+    def numel(self) -> int:
+        return self.up.shape[0] * self.down.shape[1]
 
     def delta(self) -> torch.Tensor:
-        """up @ down in float32, flattened to [out, in * kh * kw]."""
-        return self.up.float().flatten(1) @ self.down.float().flatten(1)
+        """up @ down, [out, in * kh * kw]."""
+        return self.up @ self.down
 
 
 @dataclass
@@ -132,7 +138,10 @@ def parse_lora(path: Path, *, sdxl: bool, unet_config: object | None = None) -> 
             module = key[: -len(".lora_A.weight")]
             up = peft.get(module + ".lora_B.weight")
             if up is not None and up.shape[1] == down.shape[0]:
-                weights.pairs[(component, module)] = LoraPair(up=up, down=down)
+                pair = LoraPair(
+                    up=up.float().flatten(1).contiguous(), down=down.float().flatten(1).contiguous()
+                )
+                weights.pairs[(component, module)] = pair
     if not weights.pairs:
         raise LoraFormatError(f"{path.name} holds no LoRA weights in a layout this worker knows")
     return weights
