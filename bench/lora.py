@@ -51,14 +51,14 @@ RANK = 16
 
 def build_loras(runtime: Any, folder: Path) -> list[Path]:
     """Two rank-16 kohya LoRAs for the benchmark model, written once."""
-    from bridge.lora.tiny import _save, kohya_lora
+    from bridge.lora.tiny import kohya_lora, save_safetensors
 
     paths = [folder / f"bench-lora-{seed}.safetensors" for seed in (1, 2)]
     if all(p.is_file() for p in paths):
         return paths
     with runtime.models.pipeline(MODEL) as pipe:
         for seed, path in zip((1, 2), paths, strict=True):
-            _save(kohya_lora(pipe, seed=seed, rank=RANK, scale=0.05, alpha=RANK), path)
+            save_safetensors(kohya_lora(pipe, seed=seed, rank=RANK, scale=0.05, alpha=RANK), path)
     return paths
 
 

@@ -114,7 +114,7 @@ class TinyItem:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
-def _save(state: dict, path: Path) -> Path:
+def save_safetensors(state: dict, path: Path) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def build_tiny_extras(dest: Path) -> list[TinyItem]:
         path = dest / f"{name.replace(' ', '_')}_{version_id}.safetensors"
         if not path.is_file():
             state = kohya_lora(pipe, seed=version_id) if kind == "LORA" else a1111_ti(pipe, seed=version_id)
-            _save(state, path)
+            save_safetensors(state, path)
         items.append(TinyItem(model_id, version_id, name, kind, base, path, words, nsfw))
     return items
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bridge.lora.patch import LoraPatcher, LoraUse, ModelLoras
-from bridge.lora.tiny import _save, kohya_lora
+from bridge.lora.tiny import kohya_lora, save_safetensors
 from bridge.lora.weights import LoraFormatError, parse_lora
 from models.tiny import tiny_pipeline
 
@@ -26,7 +26,7 @@ def pipe_and_lora(
     work = tmp_path_factory.mktemp(f"patch-{request.param}")
     pipe = tiny_pipeline(request.param, seed=0, work=work)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, _save(kohya_lora(pipe, seed=5), work / "lora.safetensors")
+    return pipe, save_safetensors(kohya_lora(pipe, seed=5), work / "lora.safetensors")
 
 
 def uses_of(pipe: Any, path: Path, model: float = 1.0, clip: float = 1.0, key: str = "a") -> list[LoraUse]:
@@ -91,7 +91,7 @@ def test_the_merged_state_is_reused_by_the_next_job_asking_the_same(pipe_and_lor
 
 def test_a_reloaded_model_is_not_taken_for_a_merged_one(tmp_path: Path) -> None:
     pipe = tiny_pipeline("sd1", seed=0, work=tmp_path)
-    path = _save(kohya_lora(pipe, seed=5), tmp_path / "l.safetensors")
+    path = save_safetensors(kohya_lora(pipe, seed=5), tmp_path / "l.safetensors")
     loras = ModelLoras("m")
     with loras.use(pipe, uses_of(pipe, path)):
         pass
@@ -120,7 +120,7 @@ def test_an_unreadable_file_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_same_sets_share_the_model_and_different_sets_wait(tmp_path: Path) -> None:
     pipe = tiny_pipeline("sd1", seed=0, work=tmp_path)
-    path = _save(kohya_lora(pipe, seed=5), tmp_path / "l.safetensors")
+    path = save_safetensors(kohya_lora(pipe, seed=5), tmp_path / "l.safetensors")
     patcher = LoraPatcher()
     a, b = uses_of(pipe, path, key="a"), uses_of(pipe, path, model=-1.0, key="b")
     events: list[tuple[str, str, float]] = []
