@@ -158,7 +158,8 @@ class CivitaiClient:
         self.token = token or None
         self.nsfw = nsfw
         self._cache_dir = Path(cache_dir)
-        self._session = session or requests.Session()
+        self._session = session
+        self._local = threading.local()
         self._clock = clock
         self._sleep = sleep
         self._timeout = timeout
@@ -324,13 +325,21 @@ class CivitaiClient:
                 self._sleep(delay)
                 attempt += 1
 
+    def _http(self) -> requests.Session:
+        if self._session is not None:
+            return self._session
+        # requests.Session is not documented as thread-safe, and jobs resolve in their own threads.
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
     def _get_once(self, url: str, deadline: float | None) -> dict[str, Any]:
         self.requests += 1
         timeout = (
             self._timeout if deadline is None else min(self._timeout, max(1.0, deadline - self._clock()))
         )
         try:
-            response = self._session.get(url, timeout=timeout, allow_redirects=False)
+            response = self._http().get(url, timeout=timeout, allow_redirects=False)
         except requests.RequestException as exc:
             raise CivitaiError(f"{type(exc).__name__}: {exc}", final=False) from exc
         status = response.status_code
