@@ -203,10 +203,11 @@ class ModelLoras:
         report.apply_s = time.perf_counter() - started
         self._last = report
         logger.info(
-            "LoRA on %s: %s (%d weights merged; undo %.3f s, apply %.3f s)",
+            "LoRA on %s: %s (%d weights merged, %.0f MB of originals kept aside; undo %.3f s, apply %.3f s)",
             self.name,
             ", ".join(f"{u.name} model {u.model:g} clip {u.clip:g}" for u in uses) or "none",
             report.changed,
+            sum(s.original.numel() * s.original.element_size() for s in self._saved) / 2**20,
             report.undo_s,
             report.apply_s,
         )
