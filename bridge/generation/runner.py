@@ -111,7 +111,7 @@ def _pipeline(runtime: Any, request: GenerationRequest, cls: type, clock: Clock)
     started = time.perf_counter()
     with runtime.models.pipeline(request.model, cls) as pipe:
         clock.model_load_s += time.perf_counter() - started
-        with _borrowed(pipe, request, runtime.device) as config, _with_loras(runtime, request, pipe):
+        with _borrowed(pipe, request, runtime.device) as config, lora_step(runtime, request, pipe):
             yield pipe, config
 
 
@@ -119,8 +119,9 @@ def _pipeline(runtime: Any, request: GenerationRequest, cls: type, clock: Clock)
 
 
 @contextlib.contextmanager
-def _with_loras(runtime: Any, request: GenerationRequest, pipe: Any) -> Iterator[None]:
-    """The job's LoRAs merged into the shared model for this use, or any an earlier job left taken out."""
+def lora_step(runtime: Any, request: GenerationRequest, pipe: Any) -> Iterator[None]:
+    """The job's LoRAs merged into the shared model for this use, or any an earlier job left taken out.
+    Every use of a model's pipeline must be inside it (any other pass that borrows the model too)."""
     support = getattr(runtime, "loras", None)
     if support is None:
         yield
