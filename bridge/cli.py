@@ -13,11 +13,13 @@ import yaml
 
 from bridge.config import (
     NOT_ACTED_ON,
+    SECRET_KEYS,
     ConfigError,
     LoadedConfig,
     is_anonymous,
     load_config,
     masked_dump,
+    secrets,
 )
 from bridge.identity import bridge_agent_lines
 from bridge.logs import setup_logging
@@ -55,7 +57,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError([f"--set {item!r}: expected KEY=VALUE"])
-        overrides[key.strip()] = value if key.strip() == "api_key" else yaml.safe_load(value)
+        overrides[key.strip()] = value if key.strip() in SECRET_KEYS else yaml.safe_load(value)
     if args.worker_name:
         overrides["worker_name"] = args.worker_name
     return overrides
@@ -98,6 +100,11 @@ def check_config(loaded: LoadedConfig) -> int:
             print(f"- {key}: {why}")
     print("\n# bridge_agent")
     for line in bridge_agent_lines(config):
+        print(f"- {line}")
+    print("\n# LoRA and textual inversion")
+    from bridge.lora.service import describe
+
+    for line in describe(config):
         print(f"- {line}")
     print("\n# keys accepted but not acted on yet")
     for key, why in NOT_ACTED_ON.items():
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(loaded)
     if loaded.config.limited_console_messages:
         verbosity = min(verbosity, -1)
-    setup_logging(verbosity, args.log_file, [loaded.config.api_key.get_secret_value()])
+    setup_logging(verbosity, args.log_file, secrets(loaded.config))
     if args.demo:
         from bridge.demo import run_demo
 

@@ -62,8 +62,7 @@ LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "capture_kudos_training_data": "not used",
     "kudos_training_data_file": "not used",
     "exit_on_unhandled_faults": "a faulted job never stops this daemon",
-    "purge_loras_on_download": "LoRA is not supported yet",
-    "civitai_api_token": "LoRA is not supported yet",
+    "purge_loras_on_download": "the LoRA cache keeps to max_lora_cache_size, least recently used out first",
     "load_large_models": "model sizes follow the memory budgets",
     "custom_models": "use a local reference file (custom_model_reference)",
     "process_timeout": "jobs are bounded by the horde's ttl",
@@ -75,12 +74,13 @@ LEGACY_KEYS_WITHOUT_EFFECT: dict[str, str] = {
 NOT_ACTED_ON: dict[str, str] = {
     "allow_sdxl_controlnet": "the horde's SDXL ControlNet is its QR-code workflow, which this worker does "
                              "not run; it always pops with it false",
-    "allow_lora": "LoRA is not implemented; the worker always pops with allow_lora false",
-    "max_lora_cache_size": "LoRA is not implemented",
     "temp_dir": "the worker writes no scratch files",
     "always_download": "missing model files are always downloaded at start; the worker never asks",
     "suppress_speed_warnings": "the worker emits no speed warnings yet",
 }
+
+# Keys whose values are secrets: read as plain strings, never printed.
+SECRET_KEYS = ("api_key", "civitai_api_token")
 
 # Old spellings that mean the same key.
 KEY_ALIASES = {"image_models_to_load": "models_to_load", "image_models_to_skip": "models_to_skip"}
@@ -123,8 +123,12 @@ class BridgeConfig(BaseModel):
     allow_post_processing: bool = True
     allow_controlnet: bool = False
     allow_sdxl_controlnet: bool = False
+    # LoRA and textual inversion (CivitAI)
     allow_lora: bool = False
     max_lora_cache_size: int = Field(10, ge=0)
+    civitai_api_token: SecretStr | None = None
+    civitai_url: str = "https://civitai.com"
+    prefetch_loras: int = Field(10, ge=0)
     forms: list[str] = Field(default_factory=lambda: ["caption", "nsfw"])
     # Models
     models_to_load: list[str] = Field(default_factory=lambda: ["stable_diffusion"])
@@ -204,7 +208,7 @@ class BridgeConfig(BaseModel):
             raise ValueError("at least one family needs a share above 0")
         return value
 
-    @field_validator("horde_url")
+    @field_validator("horde_url", "civitai_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^\s/]+", value):
@@ -344,7 +348,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if raw is None or raw == "":
             continue
         # yaml scalars give env vars the same typing as the file ("true", "4", "[a, b]").
-        values[key] = raw if key == "api_key" else yaml.safe_load(raw)
+        values[key] = raw if key in SECRET_KEYS else yaml.safe_load(raw)
     return values
 
 
@@ -464,4 +468,14 @@ def masked_dump(config: BridgeConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     key = config.api_key.get_secret_value()
     data["api_key"] = "0000000000 (anonymous)" if key == ANONYMOUS_API_KEY else f"***{len(key)} chars***"
+    if config.civitai_api_token is not None:
+        data["civitai_api_token"] = f"***{len(config.civitai_api_token.get_secret_value())} chars***"
     return data
+
+
+def secrets(config: BridgeConfig) -> list[str]:
+    """Every secret value of the config (the log masks them)."""
+    values = [config.api_key.get_secret_value()]
+    if config.civitai_api_token is not None:
+        values.append(config.civitai_api_token.get_secret_value())
+    return [v for v in values if v]

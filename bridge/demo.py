@@ -2,7 +2,9 @@
 
 1. Build (once) tiny random-weight models of every kind under `<cache_home>/tiny`. The demo always runs
    these, never the operator's real models: it shows the machinery offline, not image quality.
-2. Start the local horde (`local_horde`) on loopback and post sample requests as a requester would.
+   Tiny LoRAs/TIs in CivitAI's file layouts beside them.
+2. Start the local horde (`local_horde`, with its CivitAI stand-in holding the tiny LoRAs/TIs) on loopback
+   and post sample requests as a requester would (one of them with a LoRA, one with a TI).
 3. Run the real daemon (the same `build_worker` + `Daemon` as a live worker) until every request is done.
 4. Download the results into the output folder and print a table.
 
@@ -28,7 +30,7 @@ from bridge.daemon import Daemon
 from bridge.horde_api import HordeClient
 from bridge.journal import Journal
 from bridge.stats import Stats
-from bridge.worker import CLIENT_AGENT, build_worker, load_reference, plan_worker
+from bridge.worker import CLIENT_AGENT, build_worker, load_reference, lora_support, plan_worker
 from interrogators.tiny import TINY_CAPTION, TINY_CLIP, TINY_SAFETY, TINY_SAFETY_PASS
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ def build_demo_models(tiny_dir: Path) -> tuple[list[Path], list[str]]:
 
 
 def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list[str]) -> BridgeConfig:
-    """The operator's settings, pointed at the local horde, serving both job families."""
+    """The operator's settings, pointed at the local horde (and its CivitAI stand-in), serving both job
+    families, LoRAs and TIs included."""
     forms = list(ALCHEMY_FORMS)
     return config.model_copy(update={
         "horde_url": horde_url, "api_key": api_key, "models_to_load": models, "models_to_skip": [],
@@ -95,6 +98,8 @@ def demo_config(config: BridgeConfig, horde_url: str, api_key: str, models: list
         "dynamic_models": False, "custom_model_reference": [], "allow_controlnet": True,
         "allow_private_sources": True,  # the local horde's source URLs are on loopback
         "state_dir": str(Path(config.state_dir) / "demo"),
+        "allow_lora": True, "civitai_url": horde_url + "/civitai", "civitai_api_token": None,
+        "prefetch_loras": 0,
     })
 
 
@@ -124,6 +129,10 @@ def post_samples(horde, models: list[str]) -> list[DemoRequest]:
         ("SDXL outpainting", dict(prompt="a wide valley", models=["tiny-sdxl-inpainting"],
                                   source_image=_webp(sample_image().resize((32, 64))),
                                   source_processing="outpainting", params={**base, "width": 128})),
+        ("txt2img + LoRA", dict(prompt="a lighthouse at dusk###blurry", models=[sd], params={
+            **base, "seed": "42", "loras": [{"name": "Tiny Glow", "model": 0.8, "inject_trigger": "any"}]})),
+        ("txt2img + TI", dict(prompt="a lighthouse at dusk###blurry", models=[sd], params={
+            **base, "seed": "42", "tis": [{"name": "tinyneg", "inject_ti": "negprompt"}]})),
     ]
     requests = [DemoRequest(label, "generation", horde.request_generation(**body))
                 for label, body in generations]
@@ -140,7 +149,10 @@ def _save_generation(horde, status: dict[str, Any], folder: Path, label: str) ->
         img = gen.get("img")
         if img and str(img).startswith("http"):
             (folder / name).write_bytes(horde.download(img))
-        rows.append(f"{gen.get('state', '?')} seed={gen.get('seed')} -> {name}")
+        refs = [str(m.get("ref", "")) for m in gen.get("gen_metadata") or []]
+        extras = [ref for ref in refs if ref.startswith(("lora ", "ti "))]
+        note = f" ({'; '.join(extras)})" if extras else ""
+        rows.append(f"{gen.get('state', '?')} seed={gen.get('seed')} -> {name}{note}")
     return rows or [f"faulted ({status.get('faulted')})"]
 
 
@@ -159,20 +171,25 @@ def _save_alchemy(horde, status: dict[str, Any], folder: Path, label: str) -> li
 
 
 def run_demo(config: BridgeConfig, *, output_dir: Path) -> int:
+    from bridge.lora.tiny import add_to_standin, build_tiny_extras
     from local_horde import DEFAULT_API_KEY, LocalHorde
 
     tiny_dir = Path(config.cache_home) / "tiny"
     started = time.monotonic()
     log.info("building tiny demo models in %s (once)", tiny_dir)
     references, models = build_demo_models(tiny_dir)
+    extras = build_tiny_extras(tiny_dir / "lora-files")
     log.info("models ready in %.1f s", time.monotonic() - started)
     grant = {bridge_agent_name(config): "AI Horde Worker reGen"}
     with LocalHorde(known_models=models, extra_bridges=grant) as horde:
+        add_to_standin(horde.civitai, extras)
         settings = demo_config(config, horde.base_url, DEFAULT_API_KEY, models)
         client = HordeClient(horde.base_url, DEFAULT_API_KEY, client_agent=CLIENT_AGENT)
         plan = plan_worker(settings, has_gpu=False, client=client,
                            reference=load_reference(settings, references, upstream=False))
         worker = build_worker(settings, plan, weights_dir=tiny_dir, interrogator_models=TINY_INTERROGATORS)
+        # The demo's LoRA cache stays beside its tiny models, out of the operator's real one.
+        worker.runtime.loras = lora_support(settings, tiny_dir / "demo-cache")
         requests = post_samples(horde, models)
         daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources,
                         journal=Journal(Path(settings.state_dir) / "inflight.json"), stats=Stats())

@@ -27,3 +27,4 @@ class Runtime:
     cache: Any = None  # models.cache.ModelCache of every family: its budgets say what runs side by side
     # What this machine can hold (models, max_pixels, forms); None: no admission control (tests, tools).
     admission: Admission | None = None
+    loras: Any = None  # bridge.lora.service.LoraSupport: LoRAs and textual inversions (allow_lora)

@@ -242,6 +242,7 @@ def build_worker(
                                       cache_home=Path(config.cache_home), models=plan.models)
         runtime.admission.models = runtime.models
         _build_generation_safety(runtime, weights, cache, names.get("aesthetic_model"), **safety_names)
+        runtime.loras = lora_support(config)
         if config.allow_controlnet:
             from controlnet import ControlNets
 
@@ -335,6 +336,23 @@ def _shared_embedder(interrogators, clip_model: str):
     return None
 
 
+def lora_support(config: BridgeConfig, cache_home: Path | None = None):
+    """LoRA/TI support (bridge.lora) when allow_lora is on; None otherwise (such jobs are then not popped)."""
+    if not config.allow_lora:
+        return None
+    from bridge.lora.service import LoraSupport
+
+    return LoraSupport.from_config(config, Path(cache_home or config.cache_home))
+
+
+def served_baselines(worker: Worker) -> set[str]:
+    """The baselines of the generation models this worker serves (which LoRAs are worth prefetching)."""
+    models = worker.runtime.models
+    if models is None:
+        return set()
+    return {(models.record(name).baseline or "stable diffusion 1").lower() for name in models.models}
+
+
 def cpu_torch_threads(cores: int, max_threads: int) -> int:
     """Intra-op threads per running job on a CPU: one core is left to the loop's pops, uploads and submits.
     Measured on 2 cores: torch's OpenMP threads spin-wait at every op barrier, so a second torch thread
@@ -402,12 +420,16 @@ def serve(worker: Worker, client: HordeClient, config: BridgeConfig) -> int:
     daemon = Daemon(client=client, runtime=worker.runtime, sources=worker.sources, journal=journal,
                     stats=stats)
     restore = install_signal_handlers(daemon)
+    if worker.runtime.loras is not None:  # never blocks: serving starts now, files arrive in the background
+        worker.runtime.loras.start_background(config.prefetch_loras, served_baselines(worker))
     try:
         with StatsReporter(stats, config.stats_output_frequency), follow_queue(worker, client, config), \
                 live_status(stats, enabled=not config.disable_terminal_ui):
             code = daemon.run()
     finally:
         restore()
+        if worker.runtime.loras is not None:
+            worker.runtime.loras.stop()
     if daemon.stop_reason:
         log.error("stopped: %s", daemon.stop_reason)
     return code
@@ -494,4 +516,8 @@ def download_models(config: BridgeConfig) -> int:
     ready = download_weights(config, plan)
     for name, ok in ready.items():
         log.info("%s: %s", name, "ready" if ok else "NOT ready (see above)")
+    support = lora_support(config) if plan.dreamer else None
+    if support is not None and config.prefetch_loras and support.probe():
+        baselines = {(plan.reference.get(n).baseline or "stable diffusion 1").lower() for n in plan.models}
+        support.prefetch(config.prefetch_loras, baselines)
     return 0 if ready and all(ready.values()) else 1

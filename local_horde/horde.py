@@ -14,6 +14,7 @@ import requests
 
 from local_horde.alchemy import AlchemyQueue
 from local_horde.api import HordeApi
+from local_horde.civitai import CivitaiStandIn
 from local_horde.faults import FaultInjector
 from local_horde.generation import GenerationQueue
 from local_horde.server import BYPASS_HEADER, HordeTransport, make_server
@@ -56,7 +57,9 @@ class LocalHorde:
             self.alchemy.set_forms(alchemy_forms)
         self.api = HordeApi(self.registry, self.generations, self.alchemy)
         self.faults = FaultInjector(seed=fault_seed, latency_s=extra_latency_s)
-        self._transport = HordeTransport(self.api, self.registry.store, self.faults)
+        # A CivitAI-like API under /civitai on the same server (LoRA and TI downloads).
+        self.civitai = CivitaiStandIn()
+        self._transport = HordeTransport(self.api, self.registry.store, self.faults, self.civitai)
         self._port = port
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -73,6 +76,7 @@ class LocalHorde:
         port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{port}"
         self.registry.store.base_url = self.base_url
+        self.civitai.base_url = self.base_url
         self._transport.node = f"localhost:{port}:5.1.5"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -105,6 +109,11 @@ class LocalHorde:
     @property
     def api_url(self) -> str:
         return self.base_url + "/api/v2"
+
+    @property
+    def civitai_url(self) -> str:
+        """The CivitAI stand-in's base (what `civitai_url` in a worker's config points at)."""
+        return self.base_url + "/civitai"
 
     # ---- test accounting and control ---------------------------------------------------------------------
     def submits(self, job_id: str) -> list[dict]:

@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from local_horde.api import HORDE_VERSION, ApiRequest, HordeApi, parse_query
+from local_horde.civitai import PREFIX as CIVITAI_PREFIX
+from local_horde.civitai import CivitaiStandIn
 from local_horde.faults import HTML_PAGE, MALFORMED_BODY, Fault, FaultInjector, FaultKind
 from local_horde.state import ApiError
 from local_horde.store import ObjectStore, StoreError
@@ -52,10 +54,13 @@ class Response:
 
 
 class HordeTransport:
-    def __init__(self, api: HordeApi, store: ObjectStore, faults: FaultInjector) -> None:
+    def __init__(
+        self, api: HordeApi, store: ObjectStore, faults: FaultInjector, civitai: CivitaiStandIn | None = None
+    ) -> None:
         self.api = api
         self.store = store
         self.faults = faults
+        self.civitai = civitai or CivitaiStandIn()
         self.stopping = threading.Event()
         self.node = "localhost:0:" + HORDE_VERSION
 
@@ -63,6 +68,9 @@ class HordeTransport:
         split = urlsplit(h.path)
         path, query, method = split.path, split.query, h.command
         bypass = h.headers.get(BYPASS_HEADER) == "1"
+        if path.startswith(CIVITAI_PREFIX + "/"):
+            self._civitai_call(h, method, path, query)
+            return
         fault = None if bypass else self.faults.take(method, path, kinds=TRANSPORT_FAULTS)
         if fault is not None and not fault.after:
             self._read_body(h, throttle=False)
@@ -162,6 +170,27 @@ class HordeTransport:
         queue = self.api.alchemy if "/interrogate/" in path else self.api.gens
         with self.api.reg.lock:
             queue.expire(body["id"])
+
+    # ---- CivitAI stand-in -------------------------------------------------------------------------------
+    def _civitai_call(self, h: BaseHTTPRequestHandler, method: str, path: str, query: str) -> None:
+        self._read_body(h, throttle=False)
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        answer = self.civitai.handle(method, path, query, headers)
+        declared = answer.headers.pop("X-Declared-Length", None) if answer else None
+        if answer is None:
+            h.close_connection = True
+            return
+        if declared is None:
+            self._send(h, Response(answer.status, answer.body, answer.content_type, answer.headers))
+            return
+        # A transfer cut short: the full length announced, part of the body sent, the connection closed.
+        h.send_response(answer.status)
+        h.send_header("Content-Type", answer.content_type)
+        h.send_header("Content-Length", declared)
+        h.end_headers()
+        h.wfile.write(answer.body)
+        h.wfile.flush()
+        h.close_connection = True
 
     # ---- object store ----------------------------------------------------------------------------------
     def _store_call(

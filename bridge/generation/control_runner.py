@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
@@ -21,7 +21,14 @@ from PIL import Image
 from bridge.generation.control_request import CONTROL_STRENGTH
 from bridge.generation.masks import SourceImages, fit_to
 from bridge.generation.request import GenerationRequest, RequestFault
-from bridge.generation.runner import Clock, _borrowed, _common_kwargs, _note_long_prompt, steps_for
+from bridge.generation.runner import (
+    Clock,
+    _borrowed,
+    _common_kwargs,
+    _note_long_prompt,
+    lora_step,
+    steps_for,
+)
 from bridge.generation.substitutions import Substitution
 from controlnet import ControlNotReadyError, control_type
 from controlnet.annotators import AnnotatorLoadError
@@ -99,13 +106,19 @@ def _control_pipeline(
     assert request.control is not None
     kind = control_type(request.control.control_type)
     started = time.perf_counter()
-    with runtime.models.pipeline(request.model) as base, \
-            runtime.controlnets.controlnet(kind, request.model, request.baseline, base.unet) as controlnet:
+    with contextlib.ExitStack() as held:
+        base = held.enter_context(runtime.models.pipeline(request.model))
+        # A diff ControlNet is made from the model's published weights (and cached per model): no LoRA an
+        # earlier job left merged may be in them while it is.
+        with lora_step(runtime, replace(request, extras=None), base):
+            controlnet = held.enter_context(
+                runtime.controlnets.controlnet(kind, request.model, request.baseline, base.unet))
         pipe = cls.from_pipe(base, controlnet=controlnet, dtype=runtime.device.dtype)
         pipe.set_progress_bar_config(disable=True)
         clock.model_load_s += time.perf_counter() - started
-        with _borrowed(pipe, request, runtime.device) as config:
-            yield pipe, config
+        config = held.enter_context(_borrowed(pipe, request, runtime.device))
+        held.enter_context(lora_step(runtime, request, pipe))  # then the job's own LoRAs, as any job's
+        yield pipe, config
 
 
 def _generate(

@@ -40,6 +40,7 @@ from bridge.generation.substitutions import Substitution
 
 if TYPE_CHECKING:
     from bridge.api_models import GenerationPayload
+    from bridge.lora.plan import JobExtras
     from models.reference import ModelRecord
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class GenerationRequest:
     facefixer_strength: float | None
     use_nsfw_censor: bool
     control: ControlRequest | None = None  # a ControlNet job (bridge.generation.control_runner runs it)
+    # The job's LoRAs and TIs (bridge.lora), set by the job after build_request; None: none asked.
+    extras: JobExtras | None = None
 
     def seed_for(self, index: int) -> int:
         """The seed of image `index` (and the seed submitted for the index-th id)."""

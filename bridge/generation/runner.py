@@ -123,8 +123,35 @@ def _pipeline(runtime: Any, request: GenerationRequest, cls: type, clock: Clock)
     started = time.perf_counter()
     with runtime.models.pipeline(request.model, cls) as pipe:
         clock.model_load_s += time.perf_counter() - started
-        with _borrowed(pipe, request, runtime.device) as config:
+        with _borrowed(pipe, request, runtime.device) as config, lora_step(runtime, request, pipe):
             yield pipe, config
+
+
+# --- LoRA / textual-inversion step (bridge/lora) ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lora_step(runtime: Any, request: GenerationRequest, pipe: Any) -> Iterator[None]:
+    """The job's LoRAs merged into the shared model for this use, or any an earlier job left taken out.
+    Every use of a model's pipeline must be inside it (any other pass that borrows the model too)."""
+    support = getattr(runtime, "loras", None)
+    if support is None:
+        yield
+        return
+    with support.applied(request.model, pipe, request.extras):
+        yield
+
+
+def _ti_prompt_kwargs(pipe: Any, request: GenerationRequest) -> dict[str, Any] | None:
+    """prompt_embeds (and SDXL's pooled ones) with the job's TI vectors; None when no TI is in the prompts."""
+    extras = request.extras
+    if extras is None or not extras.tis:
+        return None
+    from bridge.lora.prompts import encode_prompts, has_markers
+
+    if not (has_markers(request.prompt, extras.tis) or has_markers(request.negative_prompt, extras.tis)):
+        return None
+    return encode_prompts(pipe, request.prompt, request.negative_prompt, extras.tis, request.clip_skip)
 
 
 def generate(
@@ -176,6 +203,10 @@ def _common_kwargs(pipe: Any, request: GenerationRequest, notes: list[Substituti
         "guidance_scale": request.cfg_scale,
         "output_type": "pil",
     }
+    embeds = _ti_prompt_kwargs(pipe, request)
+    if embeds is not None:  # the TI step encodes both prompts itself (clip_skip included)
+        del kwargs["prompt"], kwargs["negative_prompt"]
+        return {**kwargs, **embeds}
     if is_sdxl(request):
         skip = sdxl_clip_skip(pipe, request, notes)
         return kwargs if skip is None else {**kwargs, "clip_skip": skip}

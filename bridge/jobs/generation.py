@@ -15,7 +15,7 @@ import base64
 import logging
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from PIL import Image
@@ -38,6 +38,7 @@ from bridge.sources import SourceImageError
 
 if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
+    from bridge.lora.plan import JobExtras
     from bridge.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class GenerationJob(Job):
         self._ids = list(pop.job_ids if ids is None else ids)
         self.refusal = refusal
         self.fetched = FetchedSources(metadata=[])
+        self.extras: JobExtras | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -117,6 +119,7 @@ class GenerationJob(Job):
         # A mask without its source means nothing: don't spend a download on it.
         mask = self._fetch(runtime, self.pop.source_mask, "source_mask") if image is not None else None
         self.fetched.image, self.fetched.mask = image, mask
+        self.extras = self._prepare_extras(runtime)
         self.timings.source_download = time.monotonic() - started
 
     def placement(self, runtime: Runtime) -> Placement:
@@ -128,6 +131,17 @@ class GenerationJob(Job):
         folder = runtime.models.files_dir(record.name)
         paths = [folder / spec.path for spec in record.files] or [folder]
         return Placement(bytes=bytes_on_disk(paths))
+
+    def _prepare_extras(self, runtime: Runtime) -> JobExtras | None:
+        """LoRAs and TIs resolved and downloaded ahead of the run (bridge/lora); None when none are asked or
+        this worker has no LoRA support (build_request then reports them as not applied)."""
+        payload = self.pop.payload
+        if not (payload.loras or payload.tis) or runtime.loras is None:
+            return None
+        record = self._record(runtime)
+        if record is None:
+            return None
+        return runtime.loras.prepare(payload, record, ttl=self.pop.ttl)
 
     def _fetch(self, runtime: Runtime, source: str | None, kind: str) -> Image.Image | None:
         if not source:
@@ -169,16 +183,19 @@ class GenerationJob(Job):
             source_subs.append(
                 Substitution("extra_source_images", count, 0, why, meta_type="extra_source_images")
             )
+        payload = self.pop.payload
+        if self.extras is not None:  # triggers and TI markers are in the prompt; the LoRAs/TIs are handled
+            payload = payload.model_copy(update={"prompt": self.extras.prompt, "loras": [], "tis": []})
         try:
             request, subs = build_request(
-                self.pop.payload,
+                payload,
                 record,
                 kind,
                 WorkerLimits.from_config(runtime.config),
                 n_images=len(self.ids),
             )
             with memory_guard(runtime, request):
-                result = run_generation(runtime, request, sources)
+                result = run_generation(runtime, replace(request, extras=self.extras), sources)
         except (RequestFault, MemoryFault) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))
@@ -216,7 +233,8 @@ class GenerationJob(Job):
             return None
 
     def _submissions(self, result: GenerationResult, subs: list[Substitution]) -> list[Submission]:
-        shared = [*self.fetched.metadata, *(s.to_metadata() for s in subs)]
+        extras = self.extras.metadata if self.extras is not None else []
+        shared = [*self.fetched.metadata, *extras, *(s.to_metadata() for s in subs)]
         batched = len(self.ids) > 1
         submissions = []
         for job_id, generated in zip(self.ids, result.images, strict=True):
@@ -316,7 +334,8 @@ class GenerationSource(JobSource):
             models, pixels = offer.models, offer.max_pixels
             if not models:
                 return []
-        request = pop_request(runtime.config, models, pixels=pixels,
+        allow_lora = runtime.loras is not None and runtime.loras.available()
+        request = pop_request(runtime.config, models, pixels=pixels, allow_lora=allow_lora,
                               allow_controlnet=_controlnet_ready(runtime, models))
         reply = client.pop_generation(request)
         for message in reply.messages:
@@ -348,11 +367,13 @@ def _controlnet_ready(runtime: Runtime, models: list[str]) -> bool:
 
 
 def pop_request(
-    config: Any, models: list[str], *, pixels: int | None = None, allow_controlnet: bool = False
-) -> GenerationPopRequest:
+    config: Any, models: list[str], *, pixels: int | None = None, allow_lora: bool = False,
+    allow_controlnet: bool = False,
+) -> GenerationPopRequest:  # fmt: skip
     """The generate/pop body from the worker's config (legacy key names) and its ready models; `pixels`, the
-    max_pixels admission control found this machine holds, defaults to max_power's; `allow_controlnet` only
-    when the ControlNets and annotators of those models are ready."""
+    max_pixels admission control found this machine holds, defaults to max_power's; `allow_lora` only when
+    LoRA support works here now (bridge.lora.service.LoraSupport.available); `allow_controlnet` only when
+    the ControlNets and annotators of those models are ready."""
     return GenerationPopRequest(
         name=dreamer_name(config),
         models=models,
@@ -372,6 +393,6 @@ def pop_request(
         allow_controlnet=allow_controlnet,
         # The horde's SDXL ControlNet is its QR-code workflow, which this worker does not run.
         allow_sdxl_controlnet=False,
-        allow_lora=False,
+        allow_lora=allow_lora,
         limit_max_steps=config.limit_max_steps,
     )

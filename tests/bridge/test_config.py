@@ -23,8 +23,10 @@ from bridge.config import (
     dreamer_name,
     family_weights,
     load_config,
+    masked_dump,
     max_pixels,
     modes,
+    secrets,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,7 +161,9 @@ def test_legacy_style_file_with_every_key_loads(tmp_path):
     assert dreamer_name(config) == "Legacy Dreamer"
     assert not any("unknown key" in w for w in loaded.warnings)
     # Accepted but inert keys are said so, not silently ignored.
-    assert any("allow_lora is set but not acted on" in w for w in loaded.warnings)
+    assert any("allow_controlnet is set but not acted on" in w for w in loaded.warnings)
+    assert config.allow_lora and config.max_lora_cache_size == 20  # acted on (bridge/lora)
+    assert not any("allow_lora" in w for w in loaded.warnings)
     assert set(loaded.ignored_legacy_keys) == {"disable_voodoo", "low_vram_mode", "enable_model_cache"}
 
 
@@ -336,3 +340,15 @@ def test_the_cli_reports_a_broken_yaml_without_the_key(tmp_path):
     result = _run_cli("--check-config", "--config", str(bad))
     assert result.returncode != 0 and "not valid YAML" in result.stderr
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_civitai_keys_and_the_token_stays_secret():
+    environ = {"HORDE_CIVITAI_API_TOKEN": "12345", "HORDE_CIVITAI_URL": "http://127.0.0.1:9/civitai"}
+    config = build_config({"civitai_api_token": "ignored", "allow_lora": True}, environ=environ).config
+    assert config.civitai_api_token.get_secret_value() == "12345"  # a numeric token stays a string
+    assert config.civitai_url == "http://127.0.0.1:9/civitai" and config.prefetch_loras == 10
+    assert masked_dump(config)["civitai_api_token"] == "***5 chars***" and "12345" in secrets(config)
+    with pytest.raises(ConfigError, match="civitai_url"):
+        build_config({"civitai_url": "civitai.com"}, environ={})
+    legacy = build_config({"purge_loras_on_download": True}, environ={})
+    assert "purge_loras_on_download" in legacy.ignored_legacy_keys

@@ -37,8 +37,13 @@ def test_demo_serves_every_kind_and_writes_real_images(tmp_path, capsys):
         "palette",
         "describe",
         "2xModernSpanimationV1",
+        "txt2img + LoRA",
+        "txt2img + TI",
     ):
         assert label in printed
+    # The LoRA and TI jobs really applied them (the demo's CivitAI stand-in served the files).
+    assert "lora Tiny Glow: applied at model 0.8" in printed
+    assert "ti tinyneg: 2 vector(s) in the negative prompt" in printed
     assert "faulted" not in printed.split("stats:")[0]
     images = sorted(output.glob("*.webp"))
     assert len(images) >= 9
