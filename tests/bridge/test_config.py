@@ -161,7 +161,7 @@ def test_legacy_style_file_with_every_key_loads(tmp_path):
     assert dreamer_name(config) == "Legacy Dreamer"
     assert not any("unknown key" in w for w in loaded.warnings)
     # Accepted but inert keys are said so, not silently ignored.
-    assert any("allow_controlnet is set but not acted on" in w for w in loaded.warnings)
+    assert any("allow_sdxl_controlnet is set but not acted on" in w for w in loaded.warnings)
     assert config.allow_lora and config.max_lora_cache_size == 20  # acted on (bridge/lora)
     assert not any("allow_lora" in w for w in loaded.warnings)
     assert set(loaded.ignored_legacy_keys) == {"disable_voodoo", "low_vram_mode", "enable_model_cache"}

@@ -44,8 +44,9 @@ def client(lora_horde: LocalHorde) -> Iterator[HordeClient]:
 
 
 @pytest.fixture()
-def runtime(manager: Any, lora_horde: LocalHorde, tmp_path: Path) -> Iterator[Runtime]:
-    runtime = make_runtime(manager, api_key=DEFAULT_API_KEY, dreamer_name="lora-worker", allow_lora=True)
+def runtime(manager: Any, lora_horde: LocalHorde, tmp_path: Path, passing_safety: Any) -> Iterator[Runtime]:
+    runtime = make_runtime(manager, passing_safety, api_key=DEFAULT_API_KEY, dreamer_name="lora-worker",
+                           allow_lora=True)
     runtime.loras = make_support(lora_horde, tmp_path)
     support = runtime.loras
     yield runtime
