@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bridge import horde_names
 from bridge.config import (
@@ -37,6 +37,10 @@ from bridge.sources import SourceFetcher
 from bridge.stats import Stats
 from bridge.status_ui import StatsReporter, live_status
 
+if TYPE_CHECKING:
+    from models.device import DevicePolicy
+    from models.reference import ModelReference
+
 log = logging.getLogger(__name__)
 
 CLIENT_AGENT = f"{BRIDGE_NAME}:{BRIDGE_VERSION}:{BRIDGE_URL}"
@@ -49,7 +53,7 @@ V13_POSTPROCESSORS_REFERENCE = STRIP_BACKGROUND_REFERENCE.with_name("horde_v13.j
 class WorkerPlan:
     dreamer: bool
     alchemist: bool
-    reference: Any  # models.reference.ModelReference
+    reference: ModelReference
     models: list[str]
     notes: list[str] = field(default_factory=list)
 
@@ -61,7 +65,7 @@ class Worker:
     dreamer: bool
     alchemist: bool
     notes: list[str] = field(default_factory=list)
-    reference: Any = None  # models.reference.ModelReference
+    reference: ModelReference | None = None
 
 
 def choose_modes(config: BridgeConfig, has_gpu: bool) -> tuple[bool, bool, list[str]]:
@@ -190,7 +194,7 @@ def build_worker(
     config: BridgeConfig,
     plan: WorkerPlan,
     *,
-    device=None,
+    device: DevicePolicy | None = None,
     weights_dir: Path | None = None,
     interrogator_models: Mapping[str, str] | None = None,
 ) -> Worker:
@@ -213,9 +217,6 @@ def build_worker(
     names = {key: value for key in ("caption_model", "clip_model", "nsfw_model")
              if (value := getattr(config, key)) is not None}
     names.update(interrogator_models or {})
-    safety_names = {"clip_model": names.pop("safety_clip_model", names.get("clip_model")),
-                    "danbooru_model": names.get("danbooru_model"),
-                    "sd_checker": names.pop("nsfw_model", None)}  # fmt: skip
     runtime = Runtime(config=config, device=device,
                       fetcher=SourceFetcher(allow_private=config.allow_private_sources))
     runtime.cache = cache
@@ -224,36 +225,60 @@ def build_worker(
     runtime.admission = Admission(cache=cache, device=device, table=table)
     sources: list[JobSource] = []
     if plan.alchemist:
-        from bridge.jobs.alchemy import FORM_TTL, AlchemySource
-        from bridge.jobs.tiles import TileBudget, calibrate
-        from interrogators import build_interrogators
-
-        runtime.interrogators = build_interrogators(models_dir=weights, cache=cache, device=device,
-                                                    forms=config.forms, **names)
-        # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
-        # first pop, not inside a form's 3-minute ttl.
-        warm_interrogators(runtime.interrogators, runtime.admission)
+        # Before the dreamer's models: interrogators warm (and embed their term lists) before the first pop.
+        _add_interrogators(runtime, weights, names)
     if plan.dreamer:
-        from bridge.jobs.generation import GenerationSource
-        from models.manager import ModelManager
-
-        _quiet_diffusers()
-        runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
-                                      cache_home=Path(config.cache_home), models=plan.models)
-        runtime.admission.models = runtime.models
-        _build_generation_safety(runtime, weights, cache, names.get("aesthetic_model"), **safety_names)
-        runtime.loras = lora_support(config)
-        if config.allow_controlnet:
-            from controlnet import ControlNets
-
-            runtime.controlnets = ControlNets(reference=plan.reference, cache=cache, device=device,
-                                              cache_home=Path(config.cache_home))
-        sources.append(GenerationSource())
+        sources.append(_add_dreamer(runtime, plan, weights, names))
     if plan.alchemist:
-        tiles = TileBudget(ttl=FORM_TTL, queue_size=config.queue_size, max_threads=config.max_threads)
-        calibrate(tiles, runtime.postprocessors, config.forms)
-        sources.append(AlchemySource(tiles=tiles))
+        sources.append(_alchemy_source(runtime))
     return Worker(runtime, sources, plan.dreamer, plan.alchemist, list(plan.notes), plan.reference)
+
+
+def _add_interrogators(runtime: Runtime, weights: Path, names: Mapping[str, str]) -> None:
+    from interrogators import build_interrogators
+
+    # nsfw_model names the generation pass's SD checker, safety_clip_model its CLIP: not the forms' models.
+    form_models = {key: value for key, value in names.items()
+                   if key not in ("safety_clip_model", "nsfw_model")}
+    runtime.interrogators = build_interrogators(models_dir=weights, cache=runtime.cache,
+                                                device=runtime.device, forms=runtime.config.forms,
+                                                **form_models)
+    # First loads and the term embeddings take minutes on a CPU for real models: pay them before the
+    # first pop, not inside a form's 3-minute ttl.
+    warm_interrogators(runtime.interrogators, runtime.admission)
+
+
+def _add_dreamer(runtime: Runtime, plan: WorkerPlan, weights: Path, names: Mapping[str, str]) -> JobSource:
+    """The generation side: its models, its safety pass, LoRAs and ControlNets."""
+    from bridge.jobs.generation import GenerationSource
+    from models.manager import ModelManager
+
+    config, cache, device = runtime.config, runtime.cache, runtime.device
+    _quiet_diffusers()
+    runtime.models = ModelManager(reference=plan.reference, cache=cache, device=device,
+                                  cache_home=Path(config.cache_home), models=plan.models)
+    runtime.admission.models = runtime.models
+    _build_generation_safety(runtime, weights, cache, names.get("aesthetic_model"),
+                             clip_model=names.get("safety_clip_model", names.get("clip_model")),
+                             danbooru_model=names.get("danbooru_model"),
+                             sd_checker=names.get("nsfw_model"))
+    runtime.loras = lora_support(config)
+    if config.allow_controlnet:
+        from controlnet import ControlNets
+
+        runtime.controlnets = ControlNets(reference=plan.reference, cache=cache, device=device,
+                                          cache_home=Path(config.cache_home))
+    return GenerationSource()
+
+
+def _alchemy_source(runtime: Runtime) -> JobSource:
+    from bridge.jobs.alchemy import FORM_TTL, AlchemySource
+    from bridge.jobs.tiles import TileBudget, calibrate
+
+    config = runtime.config
+    tiles = TileBudget(ttl=FORM_TTL, queue_size=config.queue_size, max_threads=config.max_threads)
+    calibrate(tiles, runtime.postprocessors, config.forms)
+    return AlchemySource(tiles=tiles)
 
 
 def warm_interrogators(interrogators, admission) -> None:

@@ -25,7 +25,8 @@ from models.downloads import is_ready, model_dir
 if TYPE_CHECKING:
     from models.cache import ModelCache
     from models.device import DevicePolicy
-    from models.reference import ModelRecord, ModelReference
+    from models.records import ModelRecord
+    from models.reference import ModelReference
 
 logger = logging.getLogger(__name__)
 

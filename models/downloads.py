@@ -27,7 +27,7 @@ import requests
 from tqdm import tqdm
 
 from models.hub_snapshot import listing_url, select_files
-from models.reference import ModelRecord
+from models.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from models.device import DevicePolicy
 from models.twins import PICKLE_SUFFIXES, usable_twin, write_twin
 
 if TYPE_CHECKING:
-    from models.reference import ModelRecord
+    from models.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,15 @@ from models.cache import ModelCache
 from models.device import DevicePolicy
 from models.downloads import is_ready, model_dir
 from models.loading import LoadPlan, ModelLoadError, load_pipeline, plan_load
-from models.reference import GENERATION_CATEGORIES, SERVABLE_BASELINES, ModelRecord, ModelReference
+from models.records import GENERATION_CATEGORIES, SERVABLE_BASELINES, ModelRecord
+from models.reference import ModelReference
 
 if TYPE_CHECKING:
     from models.downloads import Downloader
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_BASELINES = SERVABLE_BASELINES  # the one list lives in models/reference.py
+SUPPORTED_BASELINES = SERVABLE_BASELINES  # the one list lives in models/records.py
 
 
 class ModelNotReadyError(KeyError):

@@ -23,7 +23,7 @@ from controlnet.types import CONTROL_BASELINES, REFUSED_ON_SD2, SD2, control_typ
 if TYPE_CHECKING:
     from bridge.api_models import GenerationPayload
     from bridge.generation.request import SourceKind
-    from models.reference import ModelRecord
+    from models.records import ModelRecord
 
 CONTROL_STRENGTH = 1.0
 

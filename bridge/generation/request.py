@@ -41,7 +41,7 @@ from bridge.generation.substitutions import Substitution
 if TYPE_CHECKING:
     from bridge.api_models import GenerationPayload
     from bridge.lora.plan import JobExtras
-    from models.reference import ModelRecord
+    from models.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from bridge.lora.civitai import CivitaiError, Resolved
 from bridge.lora.patch import PatchReport
 from bridge.lora.prompts import strip_markers
 from bridge.lora.weights import LoraFormatError, TiEmbedding, parse_ti
-from models.reference import BASELINE_SD15, BASELINE_SD21, BASELINE_SDXL
+from models.records import BASELINE_SD15, BASELINE_SD21, BASELINE_SDXL
 
 if TYPE_CHECKING:
     from bridge.api_models import GenerationPayload, LoraSpec, TiSpec
     from bridge.lora.service import LoraSupport
-    from models.reference import ModelRecord
+    from models.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from bridge.lora.weights import LoraFormatError, LoraWeights, parse_lora
 
 if TYPE_CHECKING:
     from bridge.api_models import GenerationPayload
-    from models.reference import ModelRecord
+    from models.records import ModelRecord
 
 logger = logging.getLogger(__name__)
 

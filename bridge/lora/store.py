@@ -34,7 +34,7 @@ from bridge.lora.civitai import (
     redact,
 )
 from models.downloads import SIDECAR_SUFFIX, Downloader, verify_file
-from models.reference import DownloadSpec, FileSpec, ModelRecord
+from models.records import DownloadSpec, FileSpec, ModelRecord
 
 logger = logging.getLogger(__name__)
 

@@ -367,28 +367,7 @@ def test_journal_recovery_after_kill_9(horde, interrogators, tmp_path):
     finished = horde.request_interrogation(horde.host_image(webp(), "done.webp"), ["nsfw"])
     horde.faults.hang("*/interrogate/submit", 120, count=1)  # its submit is never answered
     models_dir = tiny_models_dir_path(interrogators)
-    script = f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
-from pathlib import Path
-from bridge.config import build_config
-from bridge.daemon import Daemon, LoopTimings
-from bridge.horde_api import HordeClient
-from bridge.jobs.alchemy import AlchemySource
-from bridge.journal import Journal
-from bridge.runtime import Runtime
-from bridge.sources import SourceFetcher
-from models.device import DevicePolicy
-from tests.interrogators.helpers import cpu_cache, tiny_set
-interrogators = tiny_set(Path({str(models_dir)!r}), cpu_cache(), forms=("nsfw",))
-config = build_config({{"alchemist_name": "daemon-test-alchemist", "forms": ["nsfw"]}}, environ={{}}).config
-runtime = Runtime(config=config, device=DevicePolicy.cpu(),
-                  fetcher=SourceFetcher(timeout=120, allow_private=True), interrogators=interrogators)
-client = HordeClient({horde.base_url!r}, {DEFAULT_API_KEY!r}, client_agent="t:1:n")
-Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
-       journal=Journal(Path({str(tmp_path / "inflight.json")!r})),
-       timings=LoopTimings(idle_poll_s=0.05)).run()
-"""
+    script = _killable_worker(horde, models_dir, tmp_path / "inflight.json")
     proc = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
@@ -420,6 +399,32 @@ Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
     assert resent["state"] == "ok" and isinstance(resent["result"]["nsfw"], bool)
     assert horde.interrogation_status(finished)["forms"][0]["state"] == "done"
     assert Journal(tmp_path / "inflight.json").leftovers == {}
+
+
+def _killable_worker(horde, models_dir: Path, journal: Path) -> str:
+    """A worker process serving nsfw forms from the tiny models, with its journal at `journal`."""
+    return f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from bridge.config import build_config
+from bridge.daemon import Daemon, LoopTimings
+from bridge.horde_api import HordeClient
+from bridge.jobs.alchemy import AlchemySource
+from bridge.journal import Journal
+from bridge.runtime import Runtime
+from bridge.sources import SourceFetcher
+from models.device import DevicePolicy
+from tests.interrogators.helpers import cpu_cache, tiny_set
+interrogators = tiny_set(Path({str(models_dir)!r}), cpu_cache(), forms=("nsfw",))
+config = build_config({{"alchemist_name": "daemon-test-alchemist", "forms": ["nsfw"]}}, environ={{}}).config
+runtime = Runtime(config=config, device=DevicePolicy.cpu(),
+                  fetcher=SourceFetcher(timeout=120, allow_private=True), interrogators=interrogators)
+client = HordeClient({horde.base_url!r}, {DEFAULT_API_KEY!r}, client_agent="t:1:n")
+Daemon(client=client, runtime=runtime, sources=[AlchemySource()],
+       journal=Journal(Path({str(journal)!r})),
+       timings=LoopTimings(idle_poll_s=0.05)).run()
+"""
 
 
 def tiny_models_dir_path(interrogators) -> Path:

@@ -18,7 +18,7 @@ from interrogators.reference import (
     reference_sha256,
 )
 from interrogators.tiny import build_tiny_interrogators
-from models.reference import parse_reference
+from models.records import parse_reference
 
 
 def test_shipped_reference_parses_and_names_every_file_with_a_download() -> None:

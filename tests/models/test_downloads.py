@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from models.downloads import Downloader, is_ready, model_dir, verify_file
-from models.reference import ModelRecord
+from models.records import ModelRecord
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

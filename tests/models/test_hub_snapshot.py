@@ -13,7 +13,7 @@ from models.device import DevicePolicy
 from models.downloads import Downloader, is_ready, model_dir
 from models.hub_snapshot import select_files
 from models.loading import load_pipeline
-from models.reference import parse_reference
+from models.records import parse_reference
 from tests.models.test_downloads import server  # noqa: F401 - the Range-capable file server fixture
 
 REVISION = "0123abcd"

@@ -22,7 +22,8 @@ from models.loading import (
     plan_load,
     select_family,
 )
-from models.reference import ModelRecord, ModelReference
+from models.records import ModelRecord
+from models.reference import ModelReference
 from models.tiny import pipeline_to_ldm, tiny_pipeline
 
 SHARED = os.environ.get("HORDE_SHARED_DIR", "/work/shared")

@@ -187,7 +187,7 @@ def test_missing_models_are_downloaded_verified_then_served(tiny_models, tmp_pat
     import http.server
 
     from models.downloads import Downloader
-    from models.reference import parse_reference
+    from models.records import parse_reference
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_models.parent))
     handler.log_message = lambda *a, **k: None

@@ -16,14 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from models.reference import (
-    REFERENCE_FILES,
-    ModelRecord,
-    ModelReference,
-    category_for_file,
-    dynamic_models,
-    parse_reference,
-)
+from models.records import REFERENCE_FILES
+from models.reference import ModelReference, dynamic_models
 
 DATA = Path(__file__).parent / "data"
 SUBSET = DATA / "stable_diffusion_subset.json"
@@ -249,47 +243,6 @@ def test_local_file_adds_and_overrides_models(tmp_path: Path, subset: ModelRefer
     assert reference.resolve(["tiny-sd1"], []).names == ["tiny-sd1"]
 
 
-def test_category_from_local_file_name() -> None:
-    assert category_for_file(Path("x/diffusers-2023.json")) == "diffusers"
-    assert category_for_file(Path("safety_checker.json")) == "safety_checker"
-    assert category_for_file(Path("tiny/reference.json")) == "stable_diffusion"
-
-
-def test_tolerant_parsing_keeps_good_entries(caplog: pytest.LogCaptureFixture) -> None:
-    data = {
-        "odd": {
-            "name": "odd",
-            "version": 1.5,
-            "nsfw": None,
-            "inpainting": None,
-            "tags": None,
-            "trigger": "wow",
-            "requirements": None,
-            "size_on_disk_bytes": "12",
-            "new_key": {"x": 1},
-            "config": {"files": [{"path": "a.ckpt", "sha256sum": ""}, {"sha256sum": "ff"}], "download": None},
-        },
-        "not-an-object": [1, 2],
-        "lenient": {"name": "lenient", "features_not_supported": 7},
-        "bad": {"name": "bad", "config": {"files": [{"path": ["a", "list"]}]}},
-    }
-    with caplog.at_level(logging.WARNING):
-        records = parse_reference(data, category="stable_diffusion", source="test.json")
-    odd = records["odd"]
-    assert (odd.version, odd.nsfw, odd.tags, odd.trigger, odd.size_on_disk_bytes) == (
-        "1.5",
-        False,
-        [],
-        ["wow"],
-        12,
-    )
-    assert [f.path for f in odd.files] == ["a.ckpt"] and odd.files[0].sha256sum is None
-    assert odd.extra == {"new_key": {"x": 1}} and odd.downloads == []
-    assert records["lenient"].features_not_supported == []
-    assert set(records) == {"odd", "lenient"}
-    assert sum("ignored" in r.message for r in caplog.records) == 2
-
-
 # ---- meta entries ----------------------------------------------------------------------------------------
 STATS = {
     "day": {"Yiffy": 999},
@@ -406,12 +359,6 @@ def test_dynamic_models_picks_most_queued_not_loaded() -> None:
     assert dynamic_models(queue, ["b"], 2) == ["C", "A"]
     assert dynamic_models(queue, [], 10, known=["A", "E", "D"]) == ["A", "E"]
     assert dynamic_models(queue, [], 0) == []
-
-
-def test_record_is_the_interface_shape() -> None:
-    record = ModelRecord(name="m")
-    assert (record.files, record.downloads, record.hf_path, record.requirements) == ([], [], None, {})
-    assert record.features_not_supported == [] and record.inpainting is False
 
 
 # ---- only servable baselines are chosen -------------------------------------------------------------------

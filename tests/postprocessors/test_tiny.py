@@ -71,7 +71,7 @@ def test_records_are_ready_where_the_model_manager_looks(weights_dir: Path, cate
     """The records parse as horde reference entries, and the downloader's folder for them is the registry's
     (<weights_dir>/<category>/), with every file present and verified."""
     from models.downloads import is_ready, model_dir
-    from models.reference import parse_reference
+    from models.records import parse_reference
 
     records = parse_reference(build_tiny_postprocessors(weights_dir)[category], category=category)
     assert records

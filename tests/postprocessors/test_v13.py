@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from bridge import horde_names
-from models.reference import parse_reference
+from models.records import parse_reference
 from postprocessors import PostProcessorRegistry
 from postprocessors.loading import load_spandrel
 from postprocessors.upscalers import UPSCALERS

@@ -17,7 +17,7 @@ from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import run_generation
 from bridge.images import encode_webp
 from controlnet.types import BY_NAME
-from models.reference import ModelRecord
+from models.records import ModelRecord
 from tests.controlnet import conftest as control_fixtures
 from tests.controlnet.conftest import SD1, SD2, ControlStack, make_stack
 

@@ -15,7 +15,7 @@ from bridge.generation.request import (
     build_request,
 )
 from bridge.generation.substitutions import MAX_REF_CHARS, Substitution, cap_metadata
-from models.reference import ModelRecord
+from models.records import ModelRecord
 
 SD1 = ModelRecord(name="sd1", baseline="stable diffusion 1")
 SDXL = ModelRecord(name="xl", baseline="stable_diffusion_xl")
