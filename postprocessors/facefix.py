@@ -181,13 +181,14 @@ class FaceFixer(PostProcessor):
         return self._restore(image, landmarks, value, interrupt)
 
     def restore_faces(
-        self, image: Image.Image, landmarks: list[np.ndarray], *, strength: float | None = None
-    ) -> PostProcessResult:
+        self, image: Image.Image, landmarks: list[np.ndarray], *, strength: float | None = None,
+        interrupt: Interrupt = NEVER,
+    ) -> PostProcessResult:  # fmt: skip
         """Restore the faces at known 5-point landmarks (eyes, nose, mouth corners as x/y pixels), skipping
         detection: for callers that already know where the faces are (and for tests)."""
         image = checked_image(image, name=self.name)
         points = [np.asarray(p, dtype=np.float32).reshape(5, 2) for p in landmarks]
-        return self._restore(image, points, _strength(strength, self.default_strength))
+        return self._restore(image, points, _strength(strength, self.default_strength), interrupt)
 
     def _restore(
         self, image: Image.Image, landmarks: list[np.ndarray], strength: float, interrupt: Interrupt = NEVER
