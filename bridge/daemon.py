@@ -9,7 +9,9 @@ every family that is on is popped each round, an idle family lends its share, an
 pops its own share at once (briefly going over the limit by what it lent) (bridge/scheduling.py). The loop
 knows a family only as the key its sources and jobs declare. A job settled without running (its payload
 unreadable, its form not served, its source unfetchable) needs no slot; one whose ttl ran out while it
-waited does not take one. Every popped id ends in exactly one submit or a logged drop: the journal
+waited does not take one, and one whose ttl runs out while it runs stops at its next check point
+(`Job.interrupt`, models.interrupt: a denoising step, an image, a pass, a tile) and is faulted, its slot
+free at once. Every popped id ends in exactly one submit or a logged drop: the journal
 arbitrates, and keeps finished results until they are sent.
 
 Shutdown: the first request_stop() (SIGINT/SIGTERM) stops popping and lets everything in flight finish and
@@ -38,6 +40,7 @@ from bridge.resend import resend_saved
 from bridge.runtime import Runtime
 from bridge.scheduling import DeviceLanes, Devices, RunSlots, family_quotas, pop_capacity
 from bridge.stats import Stats
+from models.interrupt import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +252,10 @@ class Daemon:
         except _Expired:  # the horde has given it to someone else: don't spend the slot
             log.warning("%s: its ttl ran out while it waited for a run slot; not run", job.describe())
             return job.fault("the job's ttl ran out while it waited for a run slot")
+        except Interrupted as stop:  # the same, found while it ran: its slot was released as it unwound
+            log.warning("%s interrupted: %s; run slot released, faulting it back", job.describe(),
+                        stop.reason)
+            return self._safe_fault(job, stop.reason)
         except Exception as err:  # any failure of a job is that job's fault, never the daemon's
             log.exception("%s failed: %s", job.describe(), err)
             return self._safe_fault(job, f"{type(err).__name__}: {err}"[:250])

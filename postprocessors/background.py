@@ -19,6 +19,7 @@ from PIL import Image, ImageChops
 
 from models.cache import ModelCache
 from models.device import DevicePolicy
+from models.interrupt import NEVER, Interrupt
 from postprocessors.base import (
     PostProcessError,
     PostProcessor,
@@ -78,8 +79,10 @@ class StripBackground(PostProcessor):
                 f"{self.weights.name}: cannot load U²-Net: {exc}", reason="bad_weights"
             ) from exc
 
-    def process(self, image: Image.Image, *, strength: float | None = None) -> PostProcessResult:
-        """`strength` has no meaning here and is ignored."""
+    def process(
+        self, image: Image.Image, *, strength: float | None = None, interrupt: Interrupt = NEVER
+    ) -> PostProcessResult:
+        """`strength` has no meaning here and is ignored; one pass, nothing to interrupt inside it."""
         image = checked_image(image, name=self.name)
         rgb, alpha = split_alpha(image)
         hint = self.weights.stat().st_size if self.weights.exists() else None

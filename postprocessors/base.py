@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.interrupt import NEVER, Interrupt
+
 logger = logging.getLogger(__name__)
 
 # Input bound for every processor: the same as bridge.sources.SourceFetcher's default, so that an image the
@@ -50,8 +52,11 @@ class PostProcessor(abc.ABC):
     scale: ClassVar[int] = 1
 
     @abc.abstractmethod
-    def process(self, image: Image.Image, *, strength: float | None = None) -> PostProcessResult:
-        """Return the processed image; raise PostProcessError for an image it cannot handle."""
+    def process(
+        self, image: Image.Image, *, strength: float | None = None, interrupt: Interrupt = NEVER
+    ) -> PostProcessResult:
+        """Return the processed image; raise PostProcessError for an image it cannot handle. A processor
+        that loops (tiles, faces) checks `interrupt` between its units (models.interrupt.Interrupted)."""
 
 
 def checked_image(image: Image.Image, *, scale: int = 1, name: str = "post-processor") -> Image.Image:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from models.cache import ModelCache
 from models.device import DevicePolicy
+from models.interrupt import NEVER, Interrupt
 from postprocessors.base import (
     PostProcessError,
     PostProcessor,
@@ -165,7 +166,9 @@ class FaceFixer(PostProcessor):
     def restore_face(self, model: SpandrelModel, crop_bgr: np.ndarray, strength: float) -> np.ndarray:
         """One aligned 512² BGR face in, the restored face out (same shape, uint8)."""
 
-    def process(self, image: Image.Image, *, strength: float | None = None) -> PostProcessResult:
+    def process(
+        self, image: Image.Image, *, strength: float | None = None, interrupt: Interrupt = NEVER
+    ) -> PostProcessResult:
         image = checked_image(image, name=self.name)
         value = _strength(strength, self.default_strength)
         rgb, _ = split_alpha(image)
@@ -175,25 +178,30 @@ class FaceFixer(PostProcessor):
         if not landmarks:
             logger.info("%s: no face found in %dx%d: image unchanged", self.name, *image.size)
             return PostProcessResult(image, [information(f"{self.name}: no face found, image unchanged")])
-        return self._restore(image, landmarks, value)
+        return self._restore(image, landmarks, value, interrupt)
 
     def restore_faces(
-        self, image: Image.Image, landmarks: list[np.ndarray], *, strength: float | None = None
-    ) -> PostProcessResult:
+        self, image: Image.Image, landmarks: list[np.ndarray], *, strength: float | None = None,
+        interrupt: Interrupt = NEVER,
+    ) -> PostProcessResult:  # fmt: skip
         """Restore the faces at known 5-point landmarks (eyes, nose, mouth corners as x/y pixels), skipping
         detection: for callers that already know where the faces are (and for tests)."""
         image = checked_image(image, name=self.name)
         points = [np.asarray(p, dtype=np.float32).reshape(5, 2) for p in landmarks]
-        return self._restore(image, points, _strength(strength, self.default_strength))
+        return self._restore(image, points, _strength(strength, self.default_strength), interrupt)
 
-    def _restore(self, image: Image.Image, landmarks: list[np.ndarray], strength: float) -> PostProcessResult:
+    def _restore(
+        self, image: Image.Image, landmarks: list[np.ndarray], strength: float, interrupt: Interrupt = NEVER
+    ) -> PostProcessResult:
         rgb, alpha = split_alpha(image)
         bgr = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
         with self._use_helper() as face, self._use_restorer() as model, face.lock:
             helper = face.begin(bgr)
             helper.all_landmarks_5 = list(landmarks)
             helper.align_warp_face()
-            for crop in helper.cropped_faces:
+            for number, crop in enumerate(helper.cropped_faces, start=1):
+                # An interrupted image leaves the helper half-done: `begin` resets it for the next one.
+                interrupt.check(f"{self.name}, face {number} of {len(helper.cropped_faces)}")
                 helper.add_restored_face(self.restore_face(model, crop, strength))
             helper.get_inverse_affine(None)
             pasted = helper.paste_faces_to_input_image()

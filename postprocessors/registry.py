@@ -10,6 +10,7 @@ from PIL import Image
 
 from models.cache import ModelCache
 from models.device import DevicePolicy
+from models.interrupt import NEVER, Interrupt
 from postprocessors.background import StripBackground
 from postprocessors.base import PostProcessor, PostProcessResult
 from postprocessors.facefix import FACE_FIXERS, FaceFixer
@@ -72,15 +73,18 @@ class PostProcessorRegistry:
             return self._processors[name]
 
     def apply(
-        self, image: Image.Image, names: list[str], *, strength: float | None = None
-    ) -> PostProcessResult:
+        self, image: Image.Image, names: list[str], *, strength: float | None = None,
+        interrupt: Interrupt = NEVER,
+    ) -> PostProcessResult:  # fmt: skip
         """Run the named processors in the documented order (see `ordered`); metadata entries accumulate.
 
         `strength` (the payload's facefixer_strength) reaches every processor; only face fixers use it.
+        `interrupt` (the job's deadline) is checked before each processor and inside those that loop.
         """
         metadata: list[dict[str, str]] = []
         for name in ordered(list(names)):
-            result = self.get(name).process(image, strength=strength)
+            interrupt.check(f"post-processor {name}")
+            result = self.get(name).process(image, strength=strength, interrupt=interrupt)
             image = result.image
             metadata.extend(result.metadata)
         return PostProcessResult(image, metadata)

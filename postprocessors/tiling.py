@@ -4,6 +4,7 @@ Each tile is run with `pad` pixels of real neighbouring context on every side (c
 only the tile's own region of the result is kept. The convolutions therefore see the same context as a
 whole-image pass near every kept pixel (up to the receptive field), so no blending is needed. The result is
 written tile by tile into one uint8 buffer: the float output of the whole image never exists at once.
+Before each tile the job's deadline is checked (models.interrupt): a large upscale past its ttl stops there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.interrupt import NEVER, Interrupt
 from postprocessors.base import tensor_to_uint8
 
 logger = logging.getLogger(__name__)
@@ -59,14 +61,19 @@ def tiled_upscale(
     scale: int,
     tile: int,
     pad: int,
+    interrupt: Interrupt = NEVER,
+    where: str = "upscale",
 ) -> np.ndarray:
-    """Run `net` (a x`scale` network on (1, 3, h, w) tensors in [0, 1]) tile by tile over `image`.
+    """Run `net` (a x`scale` network on (1, 3, h, w) tensors in [0, 1]) tile by tile over `image`,
+    checking `interrupt` before each tile (`where` names the work in its reason).
 
     Returns the (H*scale, W*scale, 3) uint8 result.
     """
     _, _, height, width = image.shape
     out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)
-    for t in plan_tiles(height, width, tile, pad):
+    tiles = list(plan_tiles(height, width, tile, pad))
+    for number, t in enumerate(tiles, start=1):
+        interrupt.check(f"{where}, tile {number} of {len(tiles)}")
         with torch.inference_mode():
             result = net(padded_input(image, t))
             expected = ((t.py1 - t.py0) * scale, (t.px1 - t.px0) * scale)
@@ -89,6 +96,8 @@ def tiled_upscale_adaptive(
     tile: int,
     pad: int,
     min_tile: int = 64,
+    interrupt: Interrupt = NEVER,
+    where: str = "upscale",
 ) -> tuple[np.ndarray, int]:
     """`tiled_upscale`, retried with half the tile edge while the device runs out of memory.
 
@@ -97,7 +106,8 @@ def tiled_upscale_adaptive(
     """
     while True:
         try:
-            return tiled_upscale(net, image, scale=scale, tile=tile, pad=pad), tile
+            return tiled_upscale(net, image, scale=scale, tile=tile, pad=pad, interrupt=interrupt,
+                                 where=where), tile
         except torch.OutOfMemoryError:
             if tile // 2 < min_tile:
                 raise

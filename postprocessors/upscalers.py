@@ -23,6 +23,7 @@ from PIL import Image
 
 from models.cache import ModelCache
 from models.device import DevicePolicy
+from models.interrupt import NEVER, Interrupt
 from postprocessors.base import (
     PostProcessError,
     PostProcessor,
@@ -83,8 +84,11 @@ class SpandrelUpscaler(PostProcessor):
             )
         return model
 
-    def process(self, image: Image.Image, *, strength: float | None = None) -> PostProcessResult:
-        """Upscale by exactly `scale`; `strength` has no meaning for an upscaler and is ignored."""
+    def process(
+        self, image: Image.Image, *, strength: float | None = None, interrupt: Interrupt = NEVER
+    ) -> PostProcessResult:
+        """Upscale by exactly `scale`; `strength` has no meaning for an upscaler and is ignored;
+        `interrupt` is checked before every tile."""
         image = checked_image(image, scale=self.scale, name=self.name)
         rgb, alpha = split_alpha(image)
         hint = self.weights.stat().st_size if self.weights.exists() else None
@@ -93,7 +97,8 @@ class SpandrelUpscaler(PostProcessor):
             tensor = pil_to_tensor(rgb, device, dtype)
             try:
                 array, _ = tiled_upscale_adaptive(
-                    model.descriptor, tensor, scale=self.scale, tile=self.tile, pad=self.pad
+                    model.descriptor, tensor, scale=self.scale, tile=self.tile, pad=self.pad,
+                    interrupt=interrupt, where=self.name,
                 )
             except torch.OutOfMemoryError as exc:
                 raise PostProcessError(

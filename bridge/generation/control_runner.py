@@ -59,6 +59,7 @@ def run_control(
     if runtime.controlnets is None:
         raise RequestFault("ControlNet is not enabled on this worker (allow_controlnet is false)")
     control_map, annotator_s = _control_map(runtime, request, sources.image)
+    clock.interrupt.check(f"the control {control.control_type} annotator")
     outcome = ControlOutcome(control.control_type, annotator_s, control.return_control_map,
                              tuple(control.features))
     if control.return_control_map:
@@ -145,9 +146,10 @@ def _generate(
             fixed.update(image=guide)
         images = []
         for index in range(request.n_images):
+            stepped = clock.step_kwargs("the ControlNet pass", index, request.n_images)
             seed = request.seed_for(index)
             pipe.scheduler = request.sampler.build(config, seed)
-            images.append(pipe(**fixed, generator=runtime.device.generator(seed)).images[0])
+            images.append(pipe(**fixed, **stepped, generator=runtime.device.generator(seed)).images[0])
     return images
 
 
@@ -168,8 +170,10 @@ def _hires_pass(
                      controlnet_conditioning_scale=CONTROL_STRENGTH)
         images = []
         for index, image in enumerate(low_res):
+            stepped = clock.step_kwargs("the ControlNet hires-fix pass", index, len(low_res))
             seed = request.seed_for(index)
             pipe.scheduler = request.sampler.build(config, seed)
             upscaled = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-            images.append(pipe(**fixed, image=upscaled, generator=runtime.device.generator(seed)).images[0])
+            generator = runtime.device.generator(seed)
+            images.append(pipe(**fixed, **stepped, image=upscaled, generator=generator).images[0])
     return images

@@ -7,8 +7,10 @@ submitted seed. Shared pipelines are borrowed, never changed for good: the sched
 (tiling) and VAE tiling are put back when the call ends.
 
 GPU speed is the manager's concern (fp16 weights, SDPA attention are diffusers' defaults there); this
-module adds nothing inside the denoising loop (no per-step callbacks), and turns on VAE tiling for large
-images on CUDA so that 1024x1024 decodes within 8 GB.
+module adds nothing inside the denoising loop but the job's deadline check (models.interrupt: a step
+callback, only when the job has a deadline), and turns on VAE tiling for large images on CUDA so that
+1024x1024 decodes within 8 GB. Past the job's deadline the run stops at the next step, image, pass or
+post-processor with `Interrupted`, leaving the shared pipeline as a finished run does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from PIL import Image
 from bridge.generation.masks import SourceImages, blank_canvas, fit_to, full_mask
 from bridge.generation.request import GenerationRequest
 from bridge.generation.substitutions import Substitution, information
+from models.interrupt import NEVER, Interrupt, Interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +91,15 @@ def pipeline_class(request: GenerationRequest, mode: str | None = None) -> type:
         raise ValueError(f"no {mode or request.mode} pipeline for {family} models") from None
 
 
-def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImages) -> GenerationResult:
+def run_generation(
+    runtime: Any, request: GenerationRequest, sources: SourceImages, interrupt: Interrupt = NEVER
+) -> GenerationResult:
     """1. generate every image, 2. hires-fix second pass, 3. post-process. A ControlNet job does 1 and 2 in
     its own step (its control map, or the images that map guides). The originals are kept for the safety
-    step (bridge.generation.censor), which the job runs before anything is submitted."""
+    step (bridge.generation.censor), which the job runs before anything is submitted. `interrupt` (the
+    job's deadline) raises `Interrupted` between steps, images, passes and post-processors."""
     notes: list[Substitution] = []
-    clock = Clock()
+    clock = Clock(interrupt=interrupt)
     started = time.perf_counter()
     control = None
     if request.control is not None:
@@ -107,14 +113,25 @@ def run_generation(runtime: Any, request: GenerationRequest, sources: SourceImag
     results = [GeneratedImage(image, request.seed_for(i), i) for i, image in enumerate(images)]
     inference_s = time.perf_counter() - started - clock.model_load_s
     started = time.perf_counter()
-    _post_process(runtime, request, results)
+    _post_process(runtime, request, results, interrupt)
     post_s = time.perf_counter() - started
     return GenerationResult(results, notes, inference_s, post_s, clock.model_load_s, control)
 
 
 @dataclass
 class Clock:
+    """The run's time: what it spent waiting for models, and the deadline it must stop at."""
+
     model_load_s: float = 0.0  # waiting for the manager: loading, moving to the device, building the variant
+    interrupt: Interrupt = NEVER
+
+    def step_kwargs(self, where: str, index: int, count: int) -> dict[str, Any]:
+        """Checked before image `index` of `count`: the pipeline call's step callback (none without a
+        deadline)."""
+        where = f"{where}, image {index + 1} of {count}"
+        self.interrupt.check(where)
+        callback = self.interrupt.step_callback(where)
+        return {} if callback is None else {"callback_on_step_end": callback}
 
 
 @contextlib.contextmanager
@@ -163,13 +180,15 @@ def generate(
 ) -> list[Image.Image]:
     """The main pass: one pipeline call per image (the first, low-res pass when hires_fix is on)."""
     width, height = request.first_pass or (request.width, request.height)
-    with _pipeline(runtime, request, pipeline_class(request), clock or Clock()) as (pipe, config):
+    clock = clock or Clock()
+    with _pipeline(runtime, request, pipeline_class(request), clock) as (pipe, config):
         fixed = _call_kwargs(pipe, request, sources, width, height, notes)
         images = []
         for index in range(request.n_images):
+            stepped = clock.step_kwargs("generation", index, request.n_images)
             seed = request.seed_for(index)
             pipe.scheduler = request.sampler.build(config, seed)
-            images.append(pipe(**fixed, generator=runtime.device.generator(seed)).images[0])
+            images.append(pipe(**fixed, **stepped, generator=runtime.device.generator(seed)).images[0])
     return images
 
 
@@ -183,10 +202,12 @@ def _hires_pass(
         fixed.update(strength=strength, num_inference_steps=steps_for(request.steps, strength))
         images = []
         for index, image in enumerate(low_res):
+            stepped = clock.step_kwargs("the hires-fix pass", index, len(low_res))
             seed = request.seed_for(index)
             pipe.scheduler = request.sampler.build(config, seed)
             upscaled = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-            images.append(pipe(**fixed, image=upscaled, generator=runtime.device.generator(seed)).images[0])
+            generator = runtime.device.generator(seed)
+            images.append(pipe(**fixed, **stepped, image=upscaled, generator=generator).images[0])
     return images
 
 
@@ -342,9 +363,11 @@ def _circular_padding(pipe: Any) -> list[tuple[torch.nn.Conv2d, str]]:
     return changed
 
 
-def _post_process(runtime: Any, request: GenerationRequest, results: list[GeneratedImage]) -> None:
+def _post_process(
+    runtime: Any, request: GenerationRequest, results: list[GeneratedImage], interrupt: Interrupt = NEVER
+) -> None:
     """Post-processors in the asked order; unavailable ones are skipped and reported. The originals stay
-    in `GeneratedImage.original` for the safety step."""
+    in `GeneratedImage.original` for the safety step. Past the deadline, `Interrupted` ends the job."""
     names = list(request.post_processing)
     if not names:
         return
@@ -358,7 +381,10 @@ def _post_process(runtime: Any, request: GenerationRequest, results: list[Genera
         if not usable:
             continue
         try:
-            processed = registry.apply(result.image, usable, strength=request.facefixer_strength)
+            processed = registry.apply(result.image, usable, strength=request.facefixer_strength,
+                                       interrupt=interrupt)
+        except Interrupted:
+            raise  # not a failed post-processor: the job is over
         except Exception as exc:  # noqa: BLE001 - a failed post-processor must not cost the image
             logger.warning("post-processing %s failed: %s", usable, exc, exc_info=True)
             result.metadata.append(information(f"post-processing {', '.join(usable)} failed: {exc}"))

@@ -260,7 +260,8 @@ class PostProcessJob(AlchemyJob):
             return self.fault("the form came without an r2_upload URL")[0]
         strength = _float_or_none(self.payload.get("facefixer_strength"))
         started = time.monotonic()
-        processed = runtime.postprocessors.apply(image, [self.form.form], strength=strength)
+        processed = runtime.postprocessors.apply(image, [self.form.form], strength=strength,
+                                                 interrupt=self.interrupt())
         self.timings.post_processing += time.monotonic() - started
         if self.tiles is not None:
             self.tiles.observe(self.form.form, image.width * image.height, time.monotonic() - started)

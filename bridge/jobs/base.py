@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from bridge.safe_text import server_text
+from models.interrupt import Interrupt
 
 if TYPE_CHECKING:
     from bridge.horde_api import HordeClient
@@ -151,6 +152,12 @@ class Job(abc.ABC):
         deadline = self.deadline
         return deadline is not None and time.monotonic() >= deadline
 
+    def interrupt(self) -> Interrupt:
+        """The deadline its runners check between steps, images, passes, post-processors and tiles
+        (models.interrupt): past it the horde has handed the job to another worker, so `execute` raises
+        `Interrupted` at the next check point and the loop faults it, its run slot free at once."""
+        return Interrupt(self.deadline)
+
     @property
     def rejected(self) -> bool:
         """True when the job is handed back for what was sent (an unreadable payload, a form this worker
@@ -170,7 +177,7 @@ class Job(abc.ABC):
     @abc.abstractmethod
     def execute(self, runtime: Runtime) -> list[Submission]:
         """Compute stage. Returns exactly one Submission per id in `ids`. May raise: the loop turns an
-        exception into `fault(...)`."""
+        exception into `fault(...)` (`Interrupted` from `interrupt()`'s check points among them)."""
 
     def execute_in_slot(self, runtime: Runtime, slot: AbstractContextManager[object]) -> list[Submission]:
         """The compute stage under one of the loop's run slots: `slot` is entered here. The default holds

@@ -195,7 +195,8 @@ class GenerationJob(Job):
                 n_images=len(self.ids),
             )
             with memory_guard(runtime, request):
-                result = run_generation(runtime, replace(request, extras=self.extras), sources)
+                result = run_generation(runtime, replace(request, extras=self.extras), sources,
+                                        self.interrupt())
         except (RequestFault, MemoryFault) as exc:
             logger.warning("faulting %s: %s", self.describe(), exc)
             return self.fault(str(exc))

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.interrupt import Interrupt, Interrupted
 from postprocessors import PostProcessError, PostProcessorRegistry
-from postprocessors.facefix import FaceFixer
+from postprocessors.facefix import FACE_HELPER_KEY, FaceFixer
+from tests.models.test_interrupt import ticking
 from tests.postprocessors.helpers import face_landmarks, picture
 
 FACE_SCALE, FACE_OFFSET = 0.25, (24.0, 20.0)  # a 128 px face whose aligned box is x 24..152, y 20..148
@@ -134,3 +136,17 @@ def test_missing_face_helper_weights_raise(tmp_path, weights_dir, cache) -> None
     with pytest.raises(PostProcessError, match="face helper weights") as info:
         registry.get("GFPGAN").process(picture())
     assert info.value.reason == "missing_weights"
+
+
+def test_past_the_deadline_no_further_face_is_restored_and_the_helper_is_free(
+    registry: PostProcessorRegistry, face_image: Image.Image
+) -> None:
+    fixer = registry.get("CodeFormers")
+    faces = [face_landmarks(FACE_SCALE, FACE_OFFSET), face_landmarks(FACE_SCALE, (40.0, 30.0))]
+    with pytest.raises(Interrupted, match="during CodeFormers, face 1 of 2: stopped unfinished"):
+        fixer.restore_faces(face_image, faces, interrupt=Interrupt(deadline=0, clock=ticking()))
+    entries = fixer._cache._entries
+    assert entries[FACE_HELPER_KEY].locks == entries[fixer.cache_key].locks == 0
+    with fixer._use_helper() as helper:
+        assert helper.lock.acquire(timeout=1)  # the next image gets the face helper
+        helper.lock.release()

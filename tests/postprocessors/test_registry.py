@@ -8,7 +8,9 @@ from PIL import Image
 
 from bridge import horde_names
 from models.cache import ModelCache
+from models.interrupt import NEVER, Interrupt, Interrupted
 from postprocessors import ORDER, PostProcessError, PostProcessorRegistry, ordered
+from tests.models.test_interrupt import ticking
 from tests.postprocessors.helpers import picture, tiny_registry
 
 HORDE_NAMES = set(horde_names.POST_PROCESSORS)
@@ -48,9 +50,9 @@ def test_apply_runs_in_order_and_passes_strength(
     for name in ("RealESRGAN_x2plus", "GFPGAN", "strip_background"):
         processor = registry.get(name)
 
-        def record(image, *, strength=None, _original=processor.process, _name=name):
+        def record(image, *, strength=None, interrupt=NEVER, _original=processor.process, _name=name):
             calls.append((_name, image.size, image.mode, strength))
-            return _original(image, strength=strength)
+            return _original(image, strength=strength, interrupt=interrupt)
 
         monkeypatch.setattr(processor, "process", record)
 
@@ -81,3 +83,18 @@ def test_apply_raises_typed_error_for_a_corrupt_image(registry: PostProcessorReg
     broken = Image.open(io.BytesIO(data[: len(data) * 2 // 3]))  # opens (header intact), fails on decode
     with pytest.raises(PostProcessError, match="corrupt"):
         registry.apply(broken, ["RealESRGAN_x2plus", "strip_background"])
+
+
+def test_an_upscale_past_its_deadline_stops_between_tiles_and_leaves_the_cache_free(
+    weights_dir: Path, cache: ModelCache
+) -> None:
+    registry = tiny_registry(weights_dir, cache, tile=16)
+    image = picture((40, 32))  # 3 x 2 tiles of 16 px
+    before = registry.apply(image, ["RealESRGAN_x2plus"]).image
+    # Check points: before the processor (tick 0), before tiles 1 and 2 (ticks 1, 2), before tile 3.
+    interrupt = Interrupt(deadline=3, clock=ticking())
+    with pytest.raises(Interrupted, match=r"during RealESRGAN_x2plus, tile 3 of 6: stopped"):
+        registry.apply(image, ["RealESRGAN_x2plus"], interrupt=interrupt)
+    key = registry.get("RealESRGAN_x2plus").cache_key
+    assert cache._entries[key].locks == 0  # the model is free for the next job
+    assert registry.apply(image, ["RealESRGAN_x2plus"]).image.tobytes() == before.tobytes()

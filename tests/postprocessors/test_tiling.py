@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from models.cache import ModelCache
+from models.interrupt import Interrupt, Interrupted
 from postprocessors.base import module_device_dtype, pil_to_tensor, tensor_to_uint8
 from postprocessors.registry import PostProcessorRegistry
 from postprocessors.tiling import plan_tiles, tiled_upscale, tiled_upscale_adaptive
+from tests.models.test_interrupt import ticking
 from tests.postprocessors.helpers import picture
 
 
@@ -73,3 +75,12 @@ def test_out_of_memory_below_the_smallest_tile_is_raised() -> None:
     net, _ = _nearest_x2(max_edge=10)
     with pytest.raises(torch.OutOfMemoryError):
         tiled_upscale_adaptive(net, torch.rand(1, 3, 64, 64), scale=2, tile=64, pad=4, min_tile=32)
+
+
+def test_past_the_deadline_no_further_tile_is_started() -> None:
+    net, seen = _nearest_x2(max_edge=1000)
+    interrupt = Interrupt(deadline=2, clock=ticking())  # the third check point is past it
+    with pytest.raises(Interrupted, match=r"during RealESRGAN_x2plus, tile 3 of 9: stopped"):
+        tiled_upscale_adaptive(net, torch.rand(1, 3, 48, 48), scale=2, tile=16, pad=4, interrupt=interrupt,
+                               where="RealESRGAN_x2plus")
+    assert len(seen) == 2  # two tiles ran, the rest never did

@@ -17,9 +17,11 @@ from bridge.generation.request import RequestFault, WorkerLimits, build_request
 from bridge.generation.runner import run_generation
 from bridge.images import encode_webp
 from controlnet.types import BY_NAME
+from models.interrupt import NEVER, Interrupt, Interrupted
 from models.records import ModelRecord
 from tests.controlnet import conftest as control_fixtures
 from tests.controlnet.conftest import SD1, SD2, ControlStack, make_stack
+from tests.models.test_interrupt import ticking
 
 tiny_models_json = control_fixtures.tiny_models_json
 tiny_controlnets = control_fixtures.tiny_controlnets
@@ -39,9 +41,9 @@ def request_for(stack: ControlStack, model: str, source: Image.Image | None, pro
     return request, sources, subs
 
 
-def run(stack: ControlStack, model: str, source: Image.Image, **payload: Any):
+def run(stack: ControlStack, model: str, source: Image.Image, interrupt: Interrupt = NEVER, **payload: Any):
     request, sources, _ = request_for(stack, model, source, **payload)
-    return run_generation(stack.runtime(), request, sources)
+    return run_generation(stack.runtime(), request, sources, interrupt)
 
 
 @pytest.mark.parametrize(
@@ -167,3 +169,15 @@ def test_a_type_whose_weights_are_missing_faults_clearly(
     request, sources, _ = request_for(bare, SD1, picture, control_type="canny")
     with pytest.raises(RequestFault, match="allow_controlnet"):
         run_generation(runtime, request, sources)
+
+
+def test_past_the_deadline_the_controlnet_pass_stops_and_leaves_every_model_free(
+    stack: ControlStack, picture: Image.Image
+) -> None:
+    before = run(stack, SD1, picture, control_type="canny")
+    # Check points: after the annotator (tick 0), image 1 (tick 1), after step 1 (tick 2): past the deadline.
+    with pytest.raises(Interrupted, match="during the ControlNet pass, image 1 of 1, after step 1: stopped"):
+        run(stack, SD1, picture, Interrupt(deadline=2, clock=ticking()), control_type="canny")
+    assert all(entry.locks == 0 for entry in stack.cache._entries.values())
+    after = run(stack, SD1, picture, control_type="canny")
+    assert encode_webp(after.images[0].image) == encode_webp(before.images[0].image)

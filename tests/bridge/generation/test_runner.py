@@ -25,7 +25,9 @@ from bridge.generation.substitutions import Substitution
 from bridge.images import encode_webp
 from bridge.runtime import Runtime
 from models.device import DevicePolicy
+from models.interrupt import NEVER, Interrupt, Interrupted
 from tests.bridge.generation.conftest import RecordingManager, make_runtime
+from tests.models.test_interrupt import ticking
 
 SD1 = "tiny-sd1-diffusers"
 
@@ -37,6 +39,7 @@ def run(
     source: Image.Image | None = None,
     mask: Image.Image | None = None,
     processing: str | None = None,
+    interrupt: Interrupt = NEVER,
     **payload: Any,
 ) -> tuple[GenerationRequest, GenerationResult, list[Substitution]]:
     fields = {
@@ -53,7 +56,7 @@ def run(
     request, more = build_request(
         GenerationPayload.model_validate(fields), record, kind, WorkerLimits(1024 * 1024), n_images=None
     )
-    return request, run_generation(runtime, request, sources), subs + more
+    return request, run_generation(runtime, request, sources, interrupt), subs + more
 
 
 def pixels(result: GenerationResult, index: int = 0) -> np.ndarray:
@@ -280,3 +283,38 @@ def test_large_images_decode_in_vae_tiles_on_cuda_only(runtime: Runtime, pipelin
 def test_img2img_passes_run_at_least_one_step(steps: int, strength: float, expected: int) -> None:
     assert steps_for(steps, strength) == expected
     assert int(steps_for(steps, strength) * strength) >= 1
+
+
+# --- past the job's deadline (models.interrupt) ----------------------------------------------------------
+
+
+def unlocked(pipelines: RecordingManager, model: str = SD1) -> bool:
+    """Whether no one holds the model in the cache (an interrupted run must not keep it locked)."""
+    return pipelines._cache._entries[model].locks == 0
+
+
+def test_past_the_deadline_the_run_stops_mid_steps_and_leaves_the_pipeline_as_found(
+    runtime: Runtime, pipelines: RecordingManager
+) -> None:
+    _, before, _ = run(runtime, ddim_steps=6)
+    # Check points: image 1 (tick 0), then after each step (ticks 1, 2, 3): the third step is the last.
+    with pytest.raises(Interrupted, match=r"ran out during generation, image 1 of 1, after step 3: stopped"):
+        run(runtime, ddim_steps=6, interrupt=Interrupt(deadline=3, clock=ticking()))
+    assert unlocked(pipelines)
+    _, after, _ = run(runtime, ddim_steps=6)
+    assert encode_webp(after.images[0].image) == encode_webp(before.images[0].image)
+
+
+def test_past_the_deadline_the_next_image_of_a_batch_is_not_started(runtime: Runtime) -> None:
+    with pytest.raises(Interrupted, match=r"during generation, image 2 of 3: stopped"):
+        run(runtime, n_iter=3, interrupt=Interrupt(deadline=3, clock=ticking()))  # 2 steps per image
+
+
+def test_past_the_deadline_the_hires_fix_pass_stops(runtime: Runtime, pipelines: RecordingManager) -> None:
+    def clock() -> float:  # the deadline passes once the second pass has its pipeline
+        return float(last_class(pipelines) is StableDiffusionImg2ImgPipeline)
+
+    with pytest.raises(Interrupted, match=r"during the hires-fix pass, image 1 of 1: stopped"):
+        run(runtime, width=576, height=640, hires_fix=True, ddim_steps=1, cfg_scale=1,
+            interrupt=Interrupt(deadline=1, clock=clock))
+    assert unlocked(pipelines)

@@ -15,8 +15,10 @@ from bridge.horde_api import HordeClient
 from bridge.jobs.generation import GenerationJob, GenerationSource
 from bridge.runtime import Runtime
 from local_horde import DEFAULT_API_KEY, LocalHorde
+from models.interrupt import Interrupt, Interrupted
 from tests.bridge.generation.conftest import make_manager, make_runtime
 from tests.bridge.lora.conftest import TINY_MODELS, make_support
+from tests.models.test_interrupt import ticking
 
 SD1 = "tiny-sd1-diffusers"
 SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "k_euler", "seed": "7"}
@@ -169,3 +171,25 @@ def test_trigger_injection(
     job, submission = serve(lora_horde, client, runtime, params={"loras": [lora]})
     assert job.extras.prompt == prefix + "a lighthouse"
     assert any(f"trigger {prefix[:-2]!r} added" in r for r in infos(submission))
+
+
+def test_a_lora_and_ti_job_stopped_past_its_deadline_leaves_nothing_behind(
+    lora_horde: LocalHorde, client: HordeClient, runtime: Runtime
+) -> None:
+    _, plain = serve(lora_horde, client, runtime)
+    extras = {"loras": [{"name": "Tiny Glow", "model": 1.0}],
+              "tis": [{"name": "tinyneg", "inject_ti": "negprompt"}]}
+    lora_horde.request_generation({**SMALL, **extras}, models=[SD1], prompt="a lighthouse")
+    [job] = GenerationSource().pop(client, runtime, capacity=1)
+    job.prepare(runtime)
+    # Its deadline passes after the first denoising step (check points: the image, then each step).
+    job.interrupt = lambda: Interrupt(deadline=1, clock=ticking())
+    with pytest.raises(Interrupted, match="after step 1: stopped unfinished"):
+        job.execute(runtime)
+    assert job.extras is not None and job.extras.patch is not None and job.extras.patch.changed > 0
+    assert runtime.loras.patcher.model(SD1).applied  # it was stopped with its LoRA merged into the model
+    _, after = serve(lora_horde, client, runtime)
+    assert after.image == plain.image  # byte-identical to the job before it
+    assert runtime.loras.patcher.model(SD1).applied == ()
+    [faulted] = job.fault("stopped")  # handed back last: faulted, the horde would hand it out again at once
+    assert job.send(client, faulted) == 0
