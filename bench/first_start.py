@@ -4,15 +4,20 @@
 
 Models (random weights, real shapes; built once and cached under .bench-cache/first_start by
 bench/first_start_models.py): two SD1.5 checkpoints (UNet, VAE, CLIP-L text encoder in one fp16 single-file
-.safetensors each), BLIP-large, CLIP ViT-L/14 and the SD safety checker. Each scenario runs in a fresh
-process, the worker built by the real `build_worker` from the committed bridgeData.yaml (only the horde's
-address, the key, the paths, the two model names and the alchemist's forms are set on top of it), the machine
-injected through the device policy, jobs served by the real daemon from a local horde over HTTP:
+.safetensors each), BLIP-large, CLIP ViT-L/14, DeepDanbooru resnet_custom_v3 and the LAION aesthetic
+predictor (the last three make the safety pass every generated image goes through; CLIP and DeepDanbooru also
+serve the nsfw form). Each scenario runs in a fresh process, the worker built by the real `build_worker` from
+the committed bridgeData.yaml (only the horde's address, the key, the paths, allow_private_sources for the
+local horde's loopback image host, the two model names, the alchemist's forms and the bench names of the two
+random-weight safety files are set on top of it), the machine injected through the device policy, jobs served
+by the real daemon from a local horde over HTTP:
 
 (a) a 16 GB RAM desktop (4 GB used by other programs) with an 8 GB card (0.5 GB used by the desktop): 4
-    txt2img jobs of the two SD1.5 models alternately. The card is simulated (its memory is the cache's
-    bookkeeping, the jobs compute on this CPU in float32, so the weights it accounts are twice a real card's
-    float16 ones); the horde's job ttl is stretched to what this CPU needs, since speed is not measured here.
+    txt2img jobs of the two SD1.5 models alternately, each image through the safety pass and the aesthetic
+    score (send_aesthetic_score is on by default) before it is submitted. The card is simulated (its memory
+    is the cache's bookkeeping, the jobs compute on this CPU in float32, so the weights it accounts are
+    twice a real card's float16 ones); the horde's job ttl is stretched to what this CPU needs, since speed
+    is not measured here.
 (b) a 16 GB CPU-only alchemist (4 GB used by other programs): caption, interrogation and nsfw on 3 images.
 
 The RAM the injected machines see as used by the worker is this process's real resident set. Printed: what
@@ -33,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.first_start_models import SD_MODELS, ensure_built, interrogator_dir, sd_reference
+from bench.first_start_models import SD_MODELS, ensure_built, interrogator_dir, safety_models, sd_reference
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -49,8 +54,9 @@ def out(line: str) -> None:
 def committed_config(horde, run_dir: Path, **overrides):
     from bridge.config import load_config
 
+    # The local horde hosts the source images on loopback: a real worker refuses private addresses.
     settings = {"horde_url": horde.base_url, "api_key": horde.api_key, "cache_home": str(run_dir / "home"),
-                "state_dir": str(run_dir / "state"), **overrides}  # fmt: skip
+                "state_dir": str(run_dir / "state"), "allow_private_sources": True, **overrides}  # fmt: skip
     return load_config(REPO / "bridgeData.yaml", environ={}, overrides=settings).config
 
 
@@ -66,8 +72,9 @@ def serve(horde, worker, config, run_dir: Path, expected: int, timeout: float) -
     class Counting(Stats):
         def job_finished(self, kind, description, timings) -> None:
             super().job_finished(kind, description, timings)
-            out(f"  finished {description}: load {timings.model_load:.1f}s, "
-                f"inference {timings.inference:.1f}s, rss {rss() / GIB:.2f} GiB")  # fmt: skip
+            out(f"  finished {description}: load {timings.model_load:.1f}s, inference "
+                f"{timings.inference:.1f}s, safety pass {timings.safety:.1f}s, "
+                f"rss {rss() / GIB:.2f} GiB")  # fmt: skip
             if self.jobs_done >= expected:
                 done.set()
 
@@ -90,6 +97,12 @@ def ok_submits(horde) -> tuple[int, list[str]]:
     return states.count("ok"), states
 
 
+def checked_submits(horde) -> int:
+    """Submits carrying the aesthetic score: the safety pass looked at the image before it was sent."""
+    bodies = [s for i in horde.accounting().handed_out for s in horde.submits(i)]
+    return sum(any(m.get("type") == "aesthetic_score" for m in b.get("gen_metadata") or []) for b in bodies)
+
+
 def legacy_budget_line(label: str, reading) -> str:
     """What the same machine got before soft budgets: the key's legacy value "80%" read once as a hard
     ceiling, min(available, total) - 80% of the total; every model larger than it was refused."""
@@ -97,6 +110,15 @@ def legacy_budget_line(label: str, reading) -> str:
 
     budget = memory_budget("80%", total_bytes=reading.total, available_bytes=reading.available)
     return f"  side figure: the old hard {label} budget from \"80%\" on this machine: {budget / GIB:.2f} GiB"
+
+
+def safety_line(runtime) -> str:
+    """Whether the generation safety pass started (without it no generation is popped), and its load time."""
+    safety = runtime.safety
+    if safety is None:
+        return "  safety pass: NOT STARTED (image generation is off)"
+    return (f"  safety pass: decides {safety.can_decide}, aesthetic score {safety.scores_aesthetics}; "
+            f"models loaded in {safety.load_seconds:.1f}s; rss {rss() / GIB:.2f} GiB")  # fmt: skip
 
 
 def rss() -> int:
@@ -121,7 +143,9 @@ def scenario_generation(root: Path, size: int, steps: int) -> dict:
         plan = plan_worker(config, has_gpu=device.has_vram, reference=reference)
         out(legacy_budget_line("RAM", machine.ram()))
         out(legacy_budget_line("card", machine.vram()))
-        worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root))
+        worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root),
+                              interrogator_models=safety_models())  # fmt: skip
+        out(safety_line(worker.runtime))
         admission = worker.runtime.admission
         offer = admission.offer(worker.runtime.models.ready_models(), 64 * 64 * 8 * config.max_power)
         out(f"(a) {machine.name()}: offered {offer.models}, max_pixels {offer.max_pixels}; "
@@ -132,8 +156,8 @@ def scenario_generation(root: Path, size: int, steps: int) -> dict:
         serve(horde, worker, config, run_dir, expected=4, timeout=1800)
         ok, states = ok_submits(horde)
         cache = admission.cache
-        out(f"  submits {states}; cache evictions {[k for k, _ in cache.evictions]}; "
-            f"resident {cache.resident()}")  # fmt: skip
+        out(f"  submits {states}, {checked_submits(horde)} with the safety pass's aesthetic_score; "
+            f"cache evictions {[k for k, _ in cache.evictions]}; resident {cache.resident()}")  # fmt: skip
     return {"jobs": 4, "ok": ok, "peak_rss": peak.peak, "ram": machine.ram_total, "free": machine.ram_total
             - machine.ram_others}  # fmt: skip
 
@@ -155,7 +179,8 @@ def scenario_alchemy(root: Path) -> dict:
         plan = plan_worker(config, has_gpu=device.has_vram, reference=load_reference(config, upstream=False))
         out(legacy_budget_line("RAM", machine.ram()))
         started = time.perf_counter()
-        worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root))
+        worker = build_worker(config, plan, device=device, weights_dir=interrogator_dir(root),
+                              interrogator_models=safety_models())  # fmt: skip
         cache = worker.runtime.admission.cache
         [source] = worker.sources
         out(f"(b) {machine.name()}: warmed in {time.perf_counter() - started:.0f}s; "
