@@ -383,7 +383,9 @@ class ModelCache:
                     f"{nbytes / MIB:.0f} MiB does not fit: this machine's {tier.value} holds "
                     f"{capacity / MIB:.0f} MiB for the worker (with every cached model unloaded)"
                 )
-            while self._used(tier) + nbytes > soft and (victim := self._lru_victim(tier, keep)) is not None:
+            while (need := self._used(tier) + nbytes - soft) > 0 and (
+                victim := self._lru_victim(tier, keep, need)
+            ) is not None:
                 self._evict(victim, tier)
                 evicted = True
             if self._used(tier) + nbytes <= capacity or not wait:
@@ -406,13 +408,21 @@ class ModelCache:
                 return True
         return any(w.tier is tier and w.nbytes and w.owner != me for w in self._working.values())
 
-    def _lru_victim(self, tier: Tier, keep: frozenset[str] = frozenset()) -> _Entry | None:
-        for entry in self._entries.values():
-            if entry.locks or entry.loading or entry.key in keep:
-                continue
-            if tier is Tier.RAM or entry.vram_reserved:
-                return entry
-        return None
+    def _lru_victim(self, tier: Tier, keep: frozenset[str] = frozenset(), need: int = 0) -> _Entry | None:
+        """The least recently used unlocked entry, except where strict LRU order would evict several to free
+        `need` and the last of them frees it alone: then only that one. Never evicts what strict LRU would
+        not; spares the small models every job uses (the safety pass's) when a large model must go anyway."""
+        held = (lambda e: e.ram_bytes) if tier is Tier.RAM else (lambda e: e.vram_reserved)
+        candidates = [
+            entry for entry in self._entries.values()
+            if not (entry.locks or entry.loading or entry.key in keep) and (tier is Tier.RAM or held(entry))
+        ]  # fmt: skip
+        freed = 0
+        for entry in candidates:
+            freed += held(entry)
+            if freed >= need:
+                return entry if held(entry) >= need else candidates[0]
+        return candidates[0] if candidates else None
 
     def _evict(self, entry: _Entry, tier: Tier) -> None:
         logger.info("cache: evicting %s from %s (%.0f MiB)", entry.key, tier.value, entry.ram_bytes / MIB)

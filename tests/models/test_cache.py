@@ -181,6 +181,25 @@ def test_size_hint_makes_room_before_loading():
     assert cache.resident() == ["c"]
 
 
+def test_a_large_model_that_must_go_anyway_spares_the_small_ones_used_before_it():
+    """Strict LRU would evict the 1 MiB models used before the 4 MiB one and then the 4 MiB one as well; the
+    4 MiB one alone makes the room, so only it goes. Nothing strict LRU would keep is evicted."""
+    cache = make_cache(7)
+    for key, size in [("small-1", 1), ("small-2", 1), ("large", 4)]:
+        with cache.use(key, lambda size=size: mib_module(size)):
+            pass
+    with cache.use("next-large", lambda: mib_module(4)):
+        pass
+    assert list(cache.evictions) == [("large", Tier.RAM)]
+    assert cache.resident() == ["small-1", "small-2", "next-large"]
+    # 5 MiB to free: no single model does it, so the least recently used goes first; then the 4 MiB one
+    # alone frees the remaining 4 and small-2 (which strict LRU would also have evicted) stays.
+    with cache.use("big", lambda: mib_module(6)):
+        pass
+    assert [key for key, _ in cache.evictions] == ["large", "small-1", "next-large"]
+    assert cache.resident() == ["small-2", "big"]
+
+
 def test_locked_model_survives_eviction_pressure():
     # 4 MiB machine: the reserve leaves 3.8 MiB; one model may stay between jobs.
     cache = small_machine_cache(4, leave_free="70%", wait_timeout=0.2)
