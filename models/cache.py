@@ -489,8 +489,9 @@ class ModelCache:
             raise
 
     def _load(self, entry: _Entry, loader: Callable[[], Any]) -> _Entry:
-        started = time.perf_counter()
+        waited = time.perf_counter()
         with _LOAD_LOCK:
+            started = time.perf_counter()
             obj = loader()
         tensors = _tensors(obj)  # raises TypeError for uncacheable objects
         if self.device.pin_memory:
@@ -508,9 +509,9 @@ class ModelCache:
             self._cond.notify_all()
         if evicted:
             _release_freed_memory()
-        logger.info(
-            "cache: loaded %s (%.0f MiB) in %.2fs", entry.key, size / MIB, time.perf_counter() - started
-        )
+        queued = f", after {started - waited:.2f}s behind another load" if started - waited >= 0.1 else ""
+        logger.info("cache: loaded %s (%.0f MiB) in %.2fs%s",
+                    entry.key, size / MIB, time.perf_counter() - started, queued)
         return entry
 
     @staticmethod
