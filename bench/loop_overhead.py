@@ -2,8 +2,12 @@
 
 Side by side in one run, alternating: (a) bare: the same generation jobs popped by hand and executed one
 after another (`prepare` + `execute` only, nothing else); (b) bridge: the real daemon serving the same
-number of jobs end to end (pop, prepare, execute, upload, submit). The local horde runs in its own process,
-as the real one is remote. Target: bridge wall per job / bare per job <= 1.03.
+number of jobs end to end (pop, prepare, execute, upload, submit). Both sides do the same work per job:
+`execute` is generation, then the safety pass on the image (the worker's tiny safety models) and the webp
+encode. The bare side runs them in sequence; the daemon runs the safety pass after the job's run slot is
+released, overlapping the next job's generation, so its ratio can be under 1. Both run at the worker's CPU
+thread policy (`build_worker`). The local horde runs in its own process, as the real one is remote.
+Target: bridge wall per job / bare per job <= 1.03.
 
 Run from the repository root: .venv/bin/python -m bench.loop_overhead
 """
