@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from bench.generation import CACHE as GENERATION_CACHE  # noqa: E402
-from bench.generation import build_model, compare  # noqa: E402
+from bench.generation import build_model, compare, paired  # noqa: E402
 from bridge.api_models import GenerationPayload  # noqa: E402
 from bridge.config import BridgeConfig  # noqa: E402
 from bridge.generation.masks import SourceImages, prepare_sources  # noqa: E402
@@ -161,21 +161,6 @@ def annotator_times(runtime: Runtime, size: int = 512, repeats: int = 3) -> None
         median = statistics.median(times)
         print(f"annotator {kind.name:<13} ({kind.annotator}) {median:.3f} s at {size}x{size} "
               f"(first call, with loading: {first:.2f} s)")
-
-
-def paired(worker: Any, plain: Any, repeats: int) -> tuple[float, float, float]:
-    """(median of the per-round worker/bare ratios, fastest worker, fastest bare): each round runs both back
-    to back (order flipped every round), so a burst of load from other processes mostly hits one round."""
-    ratios, w_times, p_times = [], [], []
-    for round_ in range(repeats):
-        order = [(worker, w_times), (plain, p_times)]
-        for fn, times in order if round_ % 2 == 0 else reversed(order):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        ratios.append(w_times[-1] / p_times[-1])
-    print("paired ratios: " + " ".join(f"{r:.3f}" for r in ratios))
-    return statistics.median(ratios), min(w_times), min(p_times)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Shared by the daemon benchmarks: a real worker (tiny SD pipeline) against the local horde.
 
-Execution intervals are recorded by wrapping each popped job's `execute` (instrumentation only: the job,
-the loop and the HTTP exchange are the real ones).
+Execution intervals are recorded by wrapping the run slot each popped job holds in `execute_in_slot`
+(instrumentation only: the job, the loop and the HTTP exchange are the real ones).
 """
 
 from __future__ import annotations

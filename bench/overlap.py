@@ -1,8 +1,9 @@
 """bench/overlap: network time hidden behind inference.
 
 The local horde adds 250 ms to every API call and caps upload bandwidth; 50 generation jobs on a real tiny
-pipeline with queue_size 1. Target: inference busy >= 95% of the wall time (first execute start to last
-execute end): popping, source download, upload and submit all overlap with the job running.
+pipeline with queue_size 1. Target: inference busy >= 95% of the wall time (from the first job taking the
+run slot to the last one releasing it; a generation job holds the slot while generating, and its safety
+pass runs after): popping, source download, safety pass, upload and submit all overlap with a job running.
 
 Run from the repository root: .venv/bin/python -m bench.overlap
 """
