@@ -41,29 +41,13 @@ def out(line: str) -> None:
 
 def build(dest: Path) -> None:
     """The training-layout checkpoint and a reference json naming it (sha256 included)."""
-    from types import SimpleNamespace
-
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    from bench.sd15_shape import sd15_ldm_state
     from models.downloads import hash_file, write_sidecar
-    from models.loading import CONFIGS_DIR
-    from models.tiny import pipeline_to_ldm
     from models.tiny_checkpoints import save_training_ckpt
 
     dest.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS_DIR / "sd1"
     started = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        pipe = SimpleNamespace(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-        )
-        state = pipeline_to_ldm(pipe)
-    del pipe
+    state = sd15_ldm_state()
     path = dest / CKPT
     save_training_ckpt(state, path)
     del state

@@ -35,29 +35,15 @@ def out(line: str) -> None:
 
 def build_sd(dest: Path) -> None:
     """One SD1.5-shaped fp16 checkpoint, a copy under the second name, sidecars and reference.json."""
-    from types import SimpleNamespace
-
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from bench.sd15_shape import sd15_ldm_state
     from models.downloads import hash_file, write_sidecar
-    from models.loading import CONFIGS_DIR
-    from models.tiny import pipeline_to_ldm
 
     dest.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS_DIR / "sd1"
     started = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        pipe = SimpleNamespace(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-        )
-        state = {key: value.to(torch.float16).contiguous() for key, value in pipeline_to_ldm(pipe).items()}
-    del pipe
+    state = sd15_ldm_state(torch.float16)
     first = dest / f"{SD_MODELS[0]}.safetensors"
     save_file(state, str(first))
     del state

@@ -40,32 +40,18 @@ def out(line: str) -> None:
 
 def build(dest: Path) -> None:
     """Write one SD1.5-shaped checkpoint with random weights, two copies and a reference json."""
-    from types import SimpleNamespace
-
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from bench.sd15_shape import sd15_ldm_state
     from models.downloads import hash_file, write_sidecar
-    from models.loading import CONFIGS_DIR
-    from models.tiny import pipeline_to_ldm
 
     dest.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS_DIR / "sd1"
     started = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        pipe = SimpleNamespace(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-        )
-        state = pipeline_to_ldm(pipe)
+    state = sd15_ldm_state()
     out(f"built SD1.5-shaped weights in {time.perf_counter() - started:.1f}s")
     first = dest / f"{MODELS[0]}.safetensors"
     save_file(state, str(first))
-    del state, pipe
+    del state
     digest = hash_file(first)
     write_sidecar(first, digest)
     for name in MODELS[1:]:
