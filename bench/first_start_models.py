@@ -15,7 +15,6 @@ benchmark so that building never counts in its memory figures.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -36,35 +35,14 @@ def out(line: str) -> None:
 def build_sd(dest: Path) -> None:
     """One SD1.5-shaped fp16 checkpoint, a copy under the second name, sidecars and reference.json."""
     import torch
-    from safetensors.torch import save_file
 
-    from bench.sd15_shape import sd15_ldm_state
-    from models.downloads import hash_file, write_sidecar
+    from bench.sd15_shape import sd15_ldm_state, write_sd15_copies
 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     state = sd15_ldm_state(torch.float16)
-    first = dest / f"{SD_MODELS[0]}.safetensors"
-    save_file(state, str(first))
+    first = write_sd15_copies(state, dest, SD_MODELS)
     del state
-    digest = hash_file(first)
-    write_sidecar(first, digest)
-    for name in SD_MODELS[1:]:
-        shutil.copyfile(first, dest / f"{name}.safetensors")
-        write_sidecar(dest / f"{name}.safetensors", digest)
-    records = {
-        name: {
-            "name": name,
-            "baseline": "stable diffusion 1",
-            "type": "ckpt",
-            "inpainting": False,
-            "style": "generalist",
-            "nsfw": False,
-            "config": {"files": [{"path": f"{name}.safetensors", "sha256sum": digest}], "download": []},
-        }
-        for name in SD_MODELS
-    }
-    (dest / "reference.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     out(
         f"built {len(SD_MODELS)} SD1.5-shaped fp16 checkpoints of {first.stat().st_size / GIB:.2f} GiB "
         f"in {time.perf_counter() - started:.0f}s"

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,36 +38,14 @@ def out(line: str) -> None:
 
 def build(dest: Path) -> None:
     """Write one SD1.5-shaped checkpoint with random weights, two copies and a reference json."""
-    from safetensors.torch import save_file
-
-    from bench.sd15_shape import sd15_ldm_state
-    from models.downloads import hash_file, write_sidecar
+    from bench.sd15_shape import sd15_ldm_state, write_sd15_copies
 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     state = sd15_ldm_state()
     out(f"built SD1.5-shaped weights in {time.perf_counter() - started:.1f}s")
-    first = dest / f"{MODELS[0]}.safetensors"
-    save_file(state, str(first))
+    first = write_sd15_copies(state, dest, MODELS)
     del state
-    digest = hash_file(first)
-    write_sidecar(first, digest)
-    for name in MODELS[1:]:
-        shutil.copyfile(first, dest / f"{name}.safetensors")
-        write_sidecar(dest / f"{name}.safetensors", digest)
-    records = {
-        name: {
-            "name": name,
-            "baseline": "stable diffusion 1",
-            "type": "ckpt",
-            "inpainting": False,
-            "style": "generalist",
-            "nsfw": False,
-            "config": {"files": [{"path": f"{name}.safetensors", "sha256sum": digest}], "download": []},
-        }
-        for name in MODELS
-    }
-    (dest / "reference.json").write_text(json.dumps(records, indent=1))
     out(f"wrote 3 x {first.stat().st_size / GIB:.2f} GiB in {time.perf_counter() - started:.1f}s")
 
 
