@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
 from bridge.config import family_weights
 from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError, already_delivered
+from bridge.heap import long_lived_heap
 from bridge.horde_api import HordeClient
 from bridge.jobs.base import Job, JobSource, Placement, Submission
 from bridge.journal import GENERATION, Journal
@@ -85,8 +86,9 @@ class Daemon:
         self._slots = RunSlots(config.max_threads, weights, devices or DeviceLanes.of(runtime))
         self._wake = threading.Event()  # interrupts every wait of the loop
         self._state = threading.Condition()
-        self._waiting = 0  # popped, not yet executed
-        self._in_flight: Counter[str] = Counter()  # the same, per family
+        self._waiting = 0  # popped, its submissions not yet queued for sending (a warm shutdown waits)
+        # per family: popped, not yet executed: the places of max_threads + queue_size that popping fills
+        self._in_flight: Counter[str] = Counter()
         self._found_work: dict[str, bool] = {}  # family -> whether its last pop brought jobs
         self._rounds = 0
         # id(job) -> (its family, when its prepare (source download) began)
@@ -127,6 +129,10 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code (0, or 2 when the horde refused us)."""
+        with long_lived_heap():  # no full GC pass over the libraries and models built before the loop
+            return self._serve()
+
+    def _serve(self) -> int:
         self._fault_back_leftovers()
         senders = [threading.Thread(target=self._sender, name=f"sender-{i}", daemon=True)
                    for i in range(self.timings.sender_threads)]
@@ -212,7 +218,10 @@ class Daemon:
 
     def _process(self, job: Job) -> None:
         try:
-            submissions = self._prepare_and_execute(job)
+            try:
+                submissions = self._prepare_and_execute(job)
+            finally:
+                self._free_place(job)
             self._note_outcome(job, submissions)
             self._keep_for_restart(job, submissions)
             with self._state:
@@ -224,10 +233,17 @@ class Daemon:
         finally:
             with self._state:
                 self._waiting -= 1
-                self._in_flight[job.family] -= 1
                 self.stats.in_flight = self._waiting
                 self._state.notify_all()
             self._wake.set()
+
+    def _free_place(self, job: Job) -> None:
+        """A job that has run holds no place any more: its replacement is popped (and its source fetched)
+        while this one's result is saved and queued, not after (that write is the slowest step left)."""
+        with self._state:
+            self._in_flight[job.family] -= 1
+            self._state.notify_all()
+        self._wake.set()
 
     def _prepare_and_execute(self, job: Job) -> list[Submission]:
         try:
