@@ -14,7 +14,7 @@ work, whatever the machine's other load (the wall-clock ratio hides part of it w
 since the next sources download and decode while a form computes).
 
 Like with like: both sides run in this one process, with the worker's libraries imported, and with the heap
-that exists before the measuring frozen as the daemon loop freezes it (bridge/heap.py): a full GC pass over
+that exists before the measuring frozen as the daemon loop freezes it (models/heap.py): a full GC pass over
 those objects (~0.3 s) would otherwise land on whichever side happens to trigger it. The machine may be
 shared with other work: each round pairs one bare run with one daemon run back to back, and the ratio
 reported per form is the median of those paired ratios (the ratio of the medians is printed beside it).
@@ -36,7 +36,6 @@ from PIL import Image
 from bench.harness import CACHE, HordeProcess
 from bridge.config import build_config
 from bridge.daemon import Daemon, LoopTimings
-from bridge.heap import long_lived_heap
 from bridge.horde_api import HordeClient
 from bridge.jobs.alchemy import AlchemySource
 from bridge.jobs.weightless import COMPUTE
@@ -46,6 +45,7 @@ from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from bridge.stats import Stats
 from models.device import DevicePolicy
+from models.heap import long_lived_heap
 
 SIZE = 1024
 JOBS = {"vectorize": 2, "palette": 24, "describe": 48}

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from bridge.api_models import GenerationSubmit, InterrogationSubmit
 from bridge.config import family_weights
 from bridge.errors import HordeError, MaintenanceError, Policy, WorkerStopError, already_delivered
-from bridge.heap import long_lived_heap
 from bridge.horde_api import HordeClient
 from bridge.jobs.base import Job, JobSource, Placement, Submission
 from bridge.journal import GENERATION, Journal
@@ -39,6 +38,7 @@ from bridge.resend import resend_saved
 from bridge.runtime import Runtime
 from bridge.scheduling import DeviceLanes, Devices, RunSlots, family_quotas, pop_capacity
 from bridge.stats import Stats
+from models.heap import long_lived_heap
 
 log = logging.getLogger(__name__)
 

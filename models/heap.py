@@ -8,6 +8,10 @@ loop stop for it in turn (measured in bench/forms.py: one such pause every hundr
 walks; anything created later (jobs, models loaded on demand) is collected as before. The loop holds the
 heap frozen while it runs (`long_lived_heap`), and the last loop to end thaws it, so a process that starts
 several loops one after another (the tests) keeps nothing beyond the loop that froze it.
+
+A frozen object is never collected: a model loaded before the loop and evicted later sits in reference
+cycles (pipelines <-> hooks) that only the collector frees. So whoever drops a model collects with
+`collect_everything`, which thaws the heap for that one full pass and freezes what survives again.
 """
 
 from __future__ import annotations
@@ -41,3 +45,14 @@ def long_lived_heap() -> Iterator[None]:
             _loops -= 1
             if _loops == 0:
                 gc.unfreeze()
+
+
+def collect_everything() -> None:
+    """A full collection that reaches the frozen heap too (an evicted model, an out-of-memory job's
+    leftovers): thaw, collect, freeze again what is still alive while a loop runs."""
+    with _lock:
+        if _loops:
+            gc.unfreeze()
+        gc.collect()
+        if _loops:
+            gc.freeze()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
-from bridge.heap import long_lived_heap
+from models.heap import collect_everything, long_lived_heap
 
 
 def test_what_is_alive_when_the_loop_starts_is_frozen_until_the_last_loop_ends():
@@ -29,4 +30,25 @@ def test_the_heap_is_thawed_even_when_the_loop_raises():
             raise RuntimeError("the loop died")
     except RuntimeError:
         pass
+    assert gc.get_freeze_count() == 0
+
+
+class _Model:
+    """Stands for a loaded pipeline: it sits in a reference cycle (pipelines <-> hooks)."""
+
+    def __init__(self) -> None:
+        self.hook = {"owner": self}
+
+
+def test_a_model_loaded_before_the_loop_and_dropped_during_it_is_still_collected():
+    model = _Model()
+    alive = weakref.ref(model)
+    with long_lived_heap():
+        frozen = gc.get_freeze_count()
+        del model  # evicted from the cache
+        gc.collect()
+        assert alive() is not None  # frozen: a plain collection never reaches it
+        collect_everything()
+        assert alive() is None
+        assert 0 < gc.get_freeze_count() <= frozen  # what still lives is frozen again
     assert gc.get_freeze_count() == 0
