@@ -8,7 +8,16 @@ submit) from the local horde running in its own process, as the real horde is re
 max_threads 1 and queue_size 2, a CPU alchemist's settings: the next sources download and decode while a
 form computes. Jobs per minute of each; target: daemon seconds per job / bare seconds per job <= 1.10 for
 every form. Also printed: the library call alone (the image already decoded) and the daemon against it;
-for palette and describe the decode of a 1024² webp (~40 ms) costs about as much as the form itself.
+for palette and describe the decode of the 1024² webp is a large part of the job (bare minus call). And
+the worker process's CPU seconds per job (all its threads) over the bare side's: what the worker adds in
+work, whatever the machine's other load (the wall-clock ratio hides part of it while a second core is free,
+since the next sources download and decode while a form computes).
+
+Like with like: both sides run in this one process, with the worker's libraries imported, and with the heap
+that exists before the measuring frozen as the daemon loop freezes it (models/heap.py): a full GC pass over
+those objects (~0.3 s) would otherwise land on whichever side happens to trigger it. The machine may be
+shared with other work: each round pairs one bare run with one daemon run back to back, and the ratio
+reported per form is the median of those paired ratios (the ratio of the medians is printed beside it).
 
 Run from the repository root: .venv/bin/python -m bench.forms
 """
@@ -36,6 +45,7 @@ from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
 from bridge.stats import Stats
 from models.device import DevicePolicy
+from models.heap import long_lived_heap
 
 SIZE = 1024
 JOBS = {"vectorize": 2, "palette": 24, "describe": 48}
@@ -83,26 +93,32 @@ class _Counting(Stats):
 
 def runtime_for(horde: FormsHorde, form: str) -> Runtime:
     settings = {"horde_url": horde.base_url, "api_key": horde.api_key, "alchemist_name": f"bench-{form}",
-                "forms": [form], "max_threads": 1, "queue_size": 2}  # fmt: skip
+                "forms": [form], "max_threads": 1, "queue_size": 2,
+                "allow_private_sources": True}  # fmt: skip  # the local horde is on loopback
     config = build_config(settings, environ={}).config
-    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=SourceFetcher(timeout=30))
+    fetcher = SourceFetcher(timeout=30, allow_private=config.allow_private_sources)
+    return Runtime(config=config, device=DevicePolicy.cpu(), fetcher=fetcher)
 
 
-def bare_round(form: str, webp: bytes) -> tuple[float, float]:
-    """(seconds per job decoding + computing, seconds per job of the library call alone)."""
+def bare_round(form: str, webp: bytes) -> tuple[float, float, float]:
+    """(seconds per job decoding + computing, of the library call alone, CPU seconds per job)."""
     compute = COMPUTE[form]
     call = 0.0
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     for _ in range(JOBS[form]):
         image = Image.open(io.BytesIO(webp))
         image.load()
         called = time.perf_counter()
         compute(image)
         call += time.perf_counter() - called
-    return (time.perf_counter() - started) / JOBS[form], call / JOBS[form]
+    jobs = JOBS[form]
+    return (time.perf_counter() - started) / jobs, call / jobs, (time.process_time() - cpu) / jobs
 
 
-def daemon_round(horde: FormsHorde, form: str, source_b64: str, count: int | None = None) -> float:
+def daemon_round(
+    horde: FormsHorde, form: str, source_b64: str, count: int | None = None
+) -> tuple[float, float]:
+    """(seconds per job, the worker process's CPU seconds per job: every thread of it, no requester call)."""
     count = count or JOBS[form]
     ids = [horde.request_interrogation(form, source_b64) for _ in range(count)]
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
@@ -112,21 +128,26 @@ def daemon_round(horde: FormsHorde, form: str, source_b64: str, count: int | Non
                     journal=Journal(CACHE / "state" / f"forms-{time.time_ns()}.json"), stats=stats,
                     timings=LoopTimings(idle_poll_s=0.05))  # fmt: skip
     thread = threading.Thread(target=daemon.run, daemon=True)
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     thread.start()
     if not stats.all_done.wait(900):
         raise TimeoutError(f"{form}: {stats.jobs_done}/{count} done")
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     daemon.request_stop("benchmark done")
     thread.join(timeout=60)
     client.close()
     states = horde.form_states(ids)
     if states != ["done"] * count:
         raise RuntimeError(f"{form}: forms not all done: {states}")
-    return wall / count
+    return wall / count, cpu / count
 
 
 def main() -> None:
+    with long_lived_heap():
+        measure()
+
+
+def measure() -> None:
     buffer = io.BytesIO()
     photo_like().save(buffer, format="WEBP", quality=90)
     webp = buffer.getvalue()
@@ -135,18 +156,22 @@ def main() -> None:
     with FormsHorde(["stable_diffusion"]) as horde:
         for form in JOBS:
             daemon_round(horde, form, source_b64, count=1)  # warm-up: imports, first-call costs
-            bare, calls, daemon = [], [], []
+            bare, calls, daemon, cpu = [], [], [], []
             for _ in range(ROUNDS):
-                whole, call = bare_round(form, webp)
+                whole, call, bare_cpu = bare_round(form, webp)
                 bare.append(whole)
                 calls.append(call)
-                daemon.append(daemon_round(horde, form, source_b64))
+                seconds, daemon_cpu = daemon_round(horde, form, source_b64)
+                daemon.append(seconds)
+                cpu.append(daemon_cpu / bare_cpu)
             bare_s, call_s, daemon_s = (statistics.median(v) for v in (bare, calls, daemon))
-            ratios[form] = daemon_s / bare_s
+            ratios[form] = statistics.median(d / b for d, b in zip(daemon, bare, strict=True))
             print(f"{form}: {JOBS[form]} jobs x {ROUNDS} rounds on {SIZE}x{SIZE}: "
                   f"bare {60 / bare_s:.1f} jobs/min ({bare_s:.3f} s), "
-                  f"daemon {60 / daemon_s:.1f} jobs/min ({daemon_s:.3f} s), ratio {ratios[form]:.3f}; "
-                  f"library call alone {call_s:.3f} s, daemon over it {daemon_s / call_s:.3f} "
+                  f"daemon {60 / daemon_s:.1f} jobs/min ({daemon_s:.3f} s), paired ratio {ratios[form]:.3f} "
+                  f"(of the medians {daemon_s / bare_s:.3f}); "
+                  f"library call alone {call_s:.3f} s, daemon over it {daemon_s / call_s:.3f}; "
+                  f"worker CPU per job over bare {statistics.median(cpu):.3f} "
                   f"(rounds bare {', '.join(f'{v:.3f}' for v in bare)}; daemon "
                   f"{', '.join(f'{v:.3f}' for v in daemon)})", flush=True)  # fmt: skip
     worst = max(ratios, key=ratios.get)

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 
 from models.cache import CacheFullError, DeviceOutOfMemoryError, ModelCache, Tier
 from models.device import DevicePolicy
+from models.heap import collect_everything
 from models.working_memory import (
     JobShape,
     PeakMeter,
@@ -70,7 +70,7 @@ class Offer:
 def free_device_memory(device: DevicePolicy) -> None:
     """After an out-of-memory error: collect what the failed job left (its frames are gone by now) and hand
     the allocator's idle blocks back to the driver."""
-    gc.collect()
+    collect_everything()
     if device.is_cuda:
         torch.cuda.empty_cache()
 

@@ -40,6 +40,7 @@ from bridge.resend import resend_saved
 from bridge.runtime import Runtime
 from bridge.scheduling import DeviceLanes, Devices, RunSlots, family_quotas, pop_capacity
 from bridge.stats import Stats
+from models.heap import long_lived_heap
 from models.interrupt import Interrupted
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,9 @@ class Daemon:
         self._slots = RunSlots(config.max_threads, weights, devices or DeviceLanes.of(runtime))
         self._wake = threading.Event()  # interrupts every wait of the loop
         self._state = threading.Condition()
-        self._waiting = 0  # popped, not yet executed
-        self._in_flight: Counter[str] = Counter()  # the same, per family
+        self._waiting = 0  # popped, its submissions not yet queued for sending (a warm shutdown waits)
+        # per family: popped, not yet executed: the places of max_threads + queue_size that popping fills
+        self._in_flight: Counter[str] = Counter()
         self._found_work: dict[str, bool] = {}  # family -> whether its last pop brought jobs
         self._rounds = 0
         # id(job) -> (its family, when its prepare (source download) began)
@@ -130,6 +132,10 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code (0, or 2 when the horde refused us)."""
+        with long_lived_heap():  # no full GC pass over the libraries and models built before the loop
+            return self._serve()
+
+    def _serve(self) -> int:
         self._fault_back_leftovers()
         senders = [threading.Thread(target=self._sender, name=f"sender-{i}", daemon=True)
                    for i in range(self.timings.sender_threads)]
@@ -215,7 +221,10 @@ class Daemon:
 
     def _process(self, job: Job) -> None:
         try:
-            submissions = self._prepare_and_execute(job)
+            try:
+                submissions = self._prepare_and_execute(job)
+            finally:
+                self._free_place(job)
             self._note_outcome(job, submissions)
             self._keep_for_restart(job, submissions)
             with self._state:
@@ -227,10 +236,17 @@ class Daemon:
         finally:
             with self._state:
                 self._waiting -= 1
-                self._in_flight[job.family] -= 1
                 self.stats.in_flight = self._waiting
                 self._state.notify_all()
             self._wake.set()
+
+    def _free_place(self, job: Job) -> None:
+        """A job that has run holds no place any more: its replacement is popped (and its source fetched)
+        while this one's result is saved and queued, not after (that write is the slowest step left)."""
+        with self._state:
+            self._in_flight[job.family] -= 1
+            self._state.notify_all()
+        self._wake.set()
 
     def _prepare_and_execute(self, job: Job) -> list[Submission]:
         try:

@@ -2,9 +2,11 @@
 
 Every popped id is written here before any work starts and removed once its one submit is done (or the
 horde dropped it). The file is replaced atomically (write, fsync, rename): a kill -9 at any moment leaves
-either the old or the new list, never a torn one. The journal is also the single arbiter of "who submits
-this id": `claim` succeeds once per id, so a cold shutdown and a job finishing at the same moment never
-submit twice.
+either the old or the new list, never a torn one. The write happens outside the lock that guards the ids:
+`claim` never waits for a disk, and a write that finds a later one already on disk (which holds its
+change) is skipped, so concurrent adds and finishes share one fsync. The journal is also the single arbiter
+of "who submits this id": `claim` succeeds once per id, so a cold shutdown and a job finishing at the same
+moment never submit twice.
 
 A finished result that is not submitted yet is kept beside it (`<journal>-results/`, one file per id, named
 by a hash: ids come from the server and must not choose file names), with the wall-clock time its ttl ends:
@@ -33,6 +35,9 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer of the file at a time, in version order
+        self._version = 0  # of self._entries, raised by every change
+        self._written = 0  # the version on disk
         self._entries: dict[str, dict[str, object]] = {}
         self._claimed: set[str] = set()
         self.leftovers: dict[str, dict[str, object]] = self._read()
@@ -47,8 +52,20 @@ class Journal:
             return {}
         return {str(k): dict(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
-    def _write(self) -> None:
-        _write_atomic(self.path, self._entries)
+    def _changed(self) -> int:
+        """Called with self._lock held after a change of self._entries: its version, for `_persist`."""
+        self._version += 1
+        return self._version
+
+    def _persist(self, version: int) -> None:
+        """Return once the file holds `version` of the entries or a later one (called without self._lock)."""
+        with self._write_lock:
+            with self._lock:
+                if self._written >= version:
+                    return  # a later write, which holds this change too, is already on disk
+                version, snapshot = self._version, dict(self._entries)
+            _write_atomic(self.path, snapshot)
+            self._written = version
 
     # ---- results not sent yet ------------------------------------------------------------------------
     @property
@@ -84,10 +101,12 @@ class Journal:
         self._result_path(job_id).unlink(missing_ok=True)
 
     def add(self, ids: list[str], family: str) -> None:
+        """Returns once the ids are on disk."""
         with self._lock:
             for job_id in ids:
                 self._entries[job_id] = {"family": family, "since": time.time()}
-            self._write()
+            version = self._changed()
+        self._persist(version)
 
     def claim(self, job_id: str) -> bool:
         """True exactly once per id: the caller is the one that submits it."""
@@ -102,8 +121,9 @@ class Journal:
             # A finished id can never be claimed again (claim needs an entry), so its claim can go too:
             # a long-running daemon must not keep every id it ever served.
             self._claimed.discard(job_id)
-            if self._entries.pop(job_id, None) is not None:
-                self._write()
+            version = self._changed() if self._entries.pop(job_id, None) is not None else None
+        if version is not None:
+            self._persist(version)
         self.forget_result(job_id)
 
     def unclaimed(self) -> dict[str, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import logging
 import re
 import threading
@@ -33,6 +32,7 @@ from typing import Any, TypeVar
 import torch
 
 from models.device import DevicePolicy
+from models.heap import collect_everything
 from models.machine import RAM, VRAM
 
 logger = logging.getLogger(__name__)
@@ -155,9 +155,9 @@ def object_bytes(obj: Any) -> int:
 
 
 def _release_freed_memory() -> None:
-    # Dropped models sit in reference cycles (pipelines <-> hooks); collect them, then ask glibc to return
-    # freed arenas to the system, else RSS never goes down after an eviction.
-    gc.collect()
+    # Dropped models sit in reference cycles (pipelines <-> hooks); collect them (a model loaded before the
+    # loop froze the heap too), then ask glibc to return freed arenas, else RSS never goes down.
+    collect_everything()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -18,6 +18,7 @@ Result shapes (the horde stores any JSON object; these are what the current peer
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -92,11 +93,17 @@ _LIBRARIES = {"vectorize": ("vtracer",), "palette": (), "describe": ("imagehash"
 
 def available_forms() -> list[str]:
     """The weightless forms whose libraries import here. They are pinned requirements; a broken install
-    should cost those forms (logged as not offered), not the worker."""
+    should cost those forms (logged as not offered), not the worker. Looked up once per process: the loop
+    asks before every pop, and finding a module not imported yet reads every folder on sys.path."""
+    return list(_available_forms())
+
+
+@functools.cache
+def _available_forms() -> tuple[str, ...]:
     import importlib.util
 
-    return [
+    return tuple(
         form
         for form, modules in _LIBRARIES.items()
         if all(importlib.util.find_spec(module) is not None for module in modules)
-    ]
+    )

@@ -270,6 +270,55 @@ def test_a_job_leaving_its_run_slot_early_lets_the_next_one_start(horde, interro
     assert all(len(horde.submits(i)) == 1 for i in horde.accounting().handed_out)
 
 
+class SlowSavingJournal(Journal):
+    """A journal whose first kept result waits on `release` (a slow disk; test instrumentation only)."""
+
+    def __init__(self, path: Path, release: threading.Event):
+        super().__init__(path)
+        self.release, self.saving = release, threading.Event()
+
+    def keep_result(self, job_id, family, expires_at, submission) -> None:
+        if not self.saving.is_set():
+            self.saving.set()
+            self.release.wait(30)
+        super().keep_result(job_id, family, expires_at, submission)
+
+
+def test_a_job_that_has_run_frees_its_place_before_its_result_is_saved(horde, interrogators, tmp_path):
+    url = horde.host_image(webp(), "place.webp")
+    ids = [horde.request_interrogation(url, ["nsfw"]) for _ in range(2)]
+    release = threading.Event()
+    journal = SlowSavingJournal(tmp_path / "inflight.json", release)
+    # One place in all (one slot, no queue): the second form can only be popped once the first has run.
+    runtime = make_runtime(interrogators, max_threads=1, queue_size=0)
+    daemon = Daemon(client=make_client(horde), runtime=runtime, sources=[AlchemySource()], journal=journal,
+                    stats=Stats(), timings=FAST)
+    thread = run_in_thread(daemon)
+    assert journal.saving.wait(30)
+    deadline = time.monotonic() + 20
+    while len(horde.accounting().handed_out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The first form's result is still being saved, and its replacement was popped all the same.
+    assert len(horde.accounting().handed_out) == 2 and not release.is_set()
+    release.set()
+    statuses = horde.wait_done(ids, timeout=30)
+    stop(daemon, thread)
+    assert all(s["forms"][0]["state"] == "done" for s in statuses.values())
+    assert all(len(horde.submits(i)) == 1 for i in horde.accounting().handed_out)
+
+
+def test_the_loop_freezes_the_heap_it_starts_with_and_thaws_it_when_it_ends(horde, interrogators, tmp_path):
+    import gc
+
+    daemon, thread = start_daemon(horde, interrogators, tmp_path)
+    deadline = time.monotonic() + 10
+    while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.get_freeze_count() > 0
+    stop(daemon, thread)
+    assert gc.get_freeze_count() == 0
+
+
 def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
     horde, interrogators, tmp_path, caplog
 ):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from bridge.journal import ALCHEMY, GENERATION, Journal
@@ -101,3 +102,37 @@ def test_unsent_results_are_kept_until_finished_under_hashed_names(tmp_path):
     assert list(Journal(tmp_path / "inflight.json").saved_results()) == ["b"]
     (journal.results_dir / "junk.json").write_text("{not json")
     assert list(journal.saved_results()) == ["b"] and not (journal.results_dir / "junk.json").exists()
+
+
+def test_claims_never_wait_for_the_disk_and_waiting_writes_share_one(tmp_path, monkeypatch):
+    import bridge.journal as journal_module
+
+    journal = Journal(tmp_path / "inflight.json")
+    journal.add(["a"], GENERATION)
+    real_write, writes = journal_module._write_atomic, []
+    writing, disk = threading.Event(), threading.Event()
+
+    def slow_write(path, data):  # a slow disk: the first write waits until `disk` is set
+        writes.append(sorted(data))
+        writing.set()
+        assert disk.wait(10)
+        real_write(path, data)
+
+    monkeypatch.setattr(journal_module, "_write_atomic", slow_write)
+    adding = threading.Thread(target=journal.add, args=(["b"], GENERATION))
+    adding.start()
+    assert writing.wait(10)
+    assert journal.claim("a")  # while "b" is being written: no wait for the disk
+    later = [threading.Thread(target=journal.add, args=([i], GENERATION)) for i in ("c", "d")]
+    later.append(threading.Thread(target=journal.finish, args=("a",)))
+    for thread in later:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while journal._version < 5 and time.monotonic() < deadline:  # all three changes made (a, b, c, d, -a)
+        time.sleep(0.005)
+    disk.set()
+    for thread in [adding, *later]:
+        thread.join(10)
+    # The three changes made while the disk was busy went to it in one write, holding all of them.
+    assert writes == [["a", "b"], ["b", "c", "d"]]
+    assert Journal(tmp_path / "inflight.json").leftovers.keys() == {"b", "c", "d"}

@@ -96,6 +96,15 @@ def test_all_three_libraries_are_installed() -> None:
     assert available_forms() == FORMS
 
 
+def test_the_libraries_are_looked_up_once_per_process(monkeypatch) -> None:
+    import importlib.util
+
+    available_forms()
+    looked_up = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: looked_up.append(name))
+    assert available_forms() == FORMS and looked_up == []  # asked before every pop: no search of sys.path
+
+
 @pytest.fixture()
 def horde():
     with LocalHorde() as server:
