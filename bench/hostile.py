@@ -225,7 +225,7 @@ def transport_faults(horde: LocalHorde, lan: RecordingHost) -> None:
 # ---- the worker -----------------------------------------------------------------------------------------
 
 
-def make_worker(horde: LocalHorde, models: list[str], reference: Path):
+def make_worker(horde: LocalHorde, models: list[str], references: list[Path]):
     settings = {
         "horde_url": horde.base_url, "api_key": horde.api_key, "models_to_load": models[:1],
         "dreamer": True, "alchemist": True, "force_cpu_generation": True, "forms": ["caption", "nsfw"],
@@ -233,7 +233,7 @@ def make_worker(horde: LocalHorde, models: list[str], reference: Path):
         "state_dir": str(CACHE / "state"), "allow_post_processing": False, "disable_terminal_ui": True,
     }
     config = build_config(settings, environ={}).config
-    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, [reference], upstream=False))
+    plan = plan_worker(config, has_gpu=False, reference=load_reference(config, references, upstream=False))
     worker = build_worker(config, plan, weights_dir=CACHE / "tiny", interrogator_models=TINY_INTERROGATORS)
     # The default fetcher (10 s deadline, public addresses only), with 127.0.0.1 standing for the internet.
     worker.runtime.fetcher = SourceFetcher(
@@ -303,14 +303,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("bridge").addHandler(handler)
     logging.getLogger("bridge").setLevel(logging.INFO)
     rng = random.Random(args.seed)
-    reference, models = build_demo_models(CACHE / "tiny")
+    references, models = build_demo_models(CACHE / "tiny")
     lan = RecordingHost()
     # Short ttls: an id the worker drops (a faulted submit refused) comes back to the queue after its ttl; the
     # horde's own 150 s / 180 s would only make the run wait.
     horde = LocalHorde(known_models=models, fault_seed=args.seed, job_ttl=60, form_ttl=60,
                        extra_bridges={BRIDGE_NAME: "AI Horde Worker reGen"})
     with lan, horde:
-        config, client, worker = make_worker(horde, models, reference)
+        config, client, worker = make_worker(horde, models, references)
         attacker = Attacker(horde, lan, rng)
         kinds = post_requests(horde, attacker, args.jobs, args.hostile, rng, models[0])
         transport_faults(horde, lan)
