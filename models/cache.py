@@ -217,7 +217,7 @@ class ModelCache:
         }
         self._wait_timeout = wait_timeout
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._working: dict[int, _Working] = {}
+        self._working: dict[object, _Working] = {}
         self._cond = threading.Condition()
         self.evictions: deque[tuple[str, Tier]] = deque(maxlen=1000)
         self.loads = 0  # models loaded from disk so far (a job that loaded one measures no working memory)
@@ -263,7 +263,7 @@ class ModelCache:
         for it), and loads during the block count it as used."""
         chosen = Tier(tier or self.device.execution_tier)
         nbytes = max(0, int(nbytes))
-        token = id(object())
+        token = object()  # the object itself, kept alive: a bare id() is reused by the next call
         with self._cond:
             evicted = self._make_room(nbytes, chosen, keep=frozenset(keep))
             self.device.machine.account(chosen, nbytes)

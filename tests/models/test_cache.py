@@ -507,3 +507,14 @@ def test_out_of_memory_moving_onto_the_card_drops_the_model_and_raises_typed():
     assert machine.held("vram") == 0 and machine.held("ram") == 0
     with cache.use("a", lambda: mib_module(4)):  # the next use works
         assert cache.on_device() == ["a"]
+
+
+def test_overlapping_working_memory_holds_are_each_counted_and_released():
+    """Two jobs holding working memory at once (here nested, as two run slots overlap): each hold is its own,
+    both count while held and each release gives back its own bytes."""
+    cache = small_machine_cache(64)
+    with cache.working_memory(3 * MIB, tier=Tier.RAM):
+        with cache.working_memory(5 * MIB, tier=Tier.RAM):
+            assert cache.used_bytes() == 8 * MIB
+        assert cache.used_bytes() == 3 * MIB
+    assert cache.used_bytes() == 0
