@@ -51,7 +51,8 @@ class Record:
 
     generations_done: list[float] = field(default_factory=list)
     alchemy_pops: list[float] = field(default_factory=list)
-    forms_done: dict[int, float] = field(default_factory=dict)
+    forms_done: dict[int, float] = field(default_factory=dict)  # tag -> when its ok submit went out
+    forms_faulted: dict[int, float] = field(default_factory=dict)  # a faulted form is not served
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, where: list[float] | dict[int, float], key: int | None = None) -> None:
@@ -93,7 +94,8 @@ class CountedAlchemy(AlchemySource):
 
             def counted(client, submission, send=send, tag=tag):
                 reward = send(client, submission)
-                self.record.note(self.record.forms_done, tag)
+                served = submission.state != "faulted"
+                self.record.note(self.record.forms_done if served else self.record.forms_faulted, tag)
                 return reward
 
             job.send = counted
@@ -119,6 +121,7 @@ def build(horde: FairnessHorde):
         "max_threads": 1, "queue_size": 1, "cache_home": str(CACHE / "cache"),
         "state_dir": str(CACHE / "state"), "bridge_agent": "AI Horde Worker reGen:10.0.0:bench",
         "alchemist_name": "bench-alchemist", "allow_post_processing": False,
+        "allow_private_sources": True,  # the local horde serves the source images on loopback
     }
     config = build_config(settings, environ={}).config
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
@@ -174,7 +177,8 @@ def run_segment(horde: FairnessHorde, client, worker, *, both: bool, seconds: fl
             next_form += FORM_EVERY_S
         time.sleep(0.2)
     deadline = time.monotonic() + 60
-    while both and len(record.forms_done) < len(asked) and time.monotonic() < deadline:
+    while both and len(record.forms_done) + len(record.forms_faulted) < len(asked) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     daemon.request_stop("segment done")
     loop.join(timeout=120)
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"longest gap between alchemy pops {max(s.longest_alchemy_gap() for s in both):.2f} s")
     print(f"generation throughput {both_rate:.2f} images/min serving both vs {alone_rate:.2f} alone: "
           f"ratio {both_rate / alone_rate:.3f} (target >= 0.85)")
-    print(f"fairness form_wait_p95_s {p95(waits):.2f} (target <= 30)")
+    # A form not served (faulted, or no submit) waits for ever: it counts, so it cannot flatter the figure.
+    print(f"fairness form_wait_p95_s {p95(waits + [float('inf')] * (asked - len(waits))):.2f} (target <= 30)")
 
 
 if __name__ == "__main__":
