@@ -41,7 +41,7 @@ def out(line: str) -> None:
 
 def build(dest: Path) -> None:
     """The training-layout checkpoint and a reference json naming it (sha256 included)."""
-    from bench.sd15_shape import sd15_ldm_state
+    from bench.builders.sd15 import sd15_ldm_state
     from models.downloads import hash_file, write_sidecar
     from models.tiny_checkpoints import save_training_ckpt
 

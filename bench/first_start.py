@@ -3,7 +3,7 @@
     flock /tmp/bench.lock .venv/bin/python -m bench.first_start [--size 512] [--steps 1]
 
 Models (random weights, real shapes; built once and cached under .bench-cache/first_start by
-bench/first_start_models.py): two SD1.5 checkpoints (UNet, VAE, CLIP-L text encoder in one fp16 single-file
+bench/builders/first_start.py): two SD1.5 checkpoints (UNet, VAE, CLIP-L text encoder in one fp16 single-file
 .safetensors each), BLIP-large, CLIP ViT-L/14, DeepDanbooru resnet_custom_v3 and the LAION aesthetic
 predictor (the last three make the safety pass every generated image goes through; CLIP and DeepDanbooru also
 serve the nsfw form). Each scenario runs in a fresh process, the worker built by the real `build_worker` from
@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.first_start_models import SD_MODELS, ensure_built, interrogator_dir, safety_models, sd_reference
+from bench.builders.first_start import SD_MODELS, ensure_built, interrogator_dir, safety_models, sd_reference
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3

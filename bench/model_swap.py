@@ -38,7 +38,7 @@ def out(line: str) -> None:
 
 def build(dest: Path) -> None:
     """Write one SD1.5-shaped checkpoint with random weights, two copies and a reference json."""
-    from bench.sd15_shape import sd15_ldm_state, write_sd15_copies
+    from bench.builders.sd15 import sd15_ldm_state, write_sd15_copies
 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

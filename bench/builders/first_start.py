@@ -1,6 +1,6 @@
 """Real-shape random-weight models for bench/first_start.py, built once and cached under .bench-cache/.
 
-    .venv/bin/python -m bench.first_start_models [--cache-dir .bench-cache/first_start]
+    .venv/bin/python -m bench.builders.first_start [--cache-dir .bench-cache/first_start]
 
 Two SD1.5-shaped checkpoints (UNet 860 M, VAE, CLIP-L text encoder; one fp16 single-file .safetensors each, in
 the original LDM key layout, as the horde's SD1.5 downloads are) with a reference json beside them; BLIP-large
@@ -36,7 +36,7 @@ def build_sd(dest: Path) -> None:
     """One SD1.5-shaped fp16 checkpoint, a copy under the second name, sidecars and reference.json."""
     import torch
 
-    from bench.sd15_shape import sd15_ldm_state, write_sd15_copies
+    from bench.builders.sd15 import sd15_ldm_state, write_sd15_copies
 
     dest.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -103,7 +103,7 @@ def ensure_built(root: Path) -> None:
     """Build in a child process (its memory never counts in the benchmark's figures)."""
     import subprocess
 
-    subprocess.run([sys.executable, "-m", "bench.first_start_models", "--cache-dir", str(root)], check=True)
+    subprocess.run([sys.executable, "-m", "bench.builders.first_start", "--cache-dir", str(root)], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The real-shape SD1.5 weights the benchmarks build: random values in the original LDM key layout.
 
 One builder for every benchmark that needs an SD1.5 checkpoint as people download it (bench.model_swap,
-bench.first_start_models, bench.ckpt_load); each writes it in its own file layout.
+bench.builders.first_start, bench.ckpt_load); each writes it in its own file layout.
 """
 
 from __future__ import annotations
