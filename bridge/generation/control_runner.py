@@ -26,8 +26,10 @@ from bridge.generation.runner import (
     _borrowed,
     _common_kwargs,
     _note_long_prompt,
+    call_per_image,
     lora_step,
     steps_for,
+    upscaled_inputs,
 )
 from bridge.generation.substitutions import Substitution
 from controlnet import ControlNotReadyError, control_type
@@ -144,13 +146,8 @@ def _generate(
                          num_inference_steps=steps_for(request.steps, strength))
         else:
             fixed.update(image=guide)
-        images = []
-        for index in range(request.n_images):
-            stepped = clock.step_kwargs("the ControlNet pass", index, request.n_images)
-            seed = request.seed_for(index)
-            pipe.scheduler = request.sampler.build(config, seed)
-            images.append(pipe(**fixed, **stepped, generator=runtime.device.generator(seed)).images[0])
-    return images
+        return call_per_image(runtime, pipe, config, request, clock, "the ControlNet pass", fixed,
+                              [{}] * request.n_images)
 
 
 def _hires_pass(
@@ -168,12 +165,5 @@ def _hires_pass(
         fixed.update(strength=strength, num_inference_steps=steps_for(request.steps, strength),
                      control_image=control_map, width=request.width, height=request.height,
                      controlnet_conditioning_scale=CONTROL_STRENGTH)
-        images = []
-        for index, image in enumerate(low_res):
-            stepped = clock.step_kwargs("the ControlNet hires-fix pass", index, len(low_res))
-            seed = request.seed_for(index)
-            pipe.scheduler = request.sampler.build(config, seed)
-            upscaled = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-            generator = runtime.device.generator(seed)
-            images.append(pipe(**fixed, **stepped, image=upscaled, generator=generator).images[0])
-    return images
+        return call_per_image(runtime, pipe, config, request, clock, "the ControlNet hires-fix pass", fixed,
+                              upscaled_inputs(request, low_res))

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,13 +183,8 @@ def generate(
     clock = clock or Clock()
     with _pipeline(runtime, request, pipeline_class(request), clock) as (pipe, config):
         fixed = _call_kwargs(pipe, request, sources, width, height, notes)
-        images = []
-        for index in range(request.n_images):
-            stepped = clock.step_kwargs("generation", index, request.n_images)
-            seed = request.seed_for(index)
-            pipe.scheduler = request.sampler.build(config, seed)
-            images.append(pipe(**fixed, **stepped, generator=runtime.device.generator(seed)).images[0])
-    return images
+        return call_per_image(runtime, pipe, config, request, clock, "generation", fixed,
+                              [{}] * request.n_images)
 
 
 def _hires_pass(
@@ -200,15 +195,27 @@ def _hires_pass(
     with _pipeline(runtime, request, pipeline_class(request, "img2img"), clock) as (pipe, config):
         fixed = _common_kwargs(pipe, request, [])
         fixed.update(strength=strength, num_inference_steps=steps_for(request.steps, strength))
-        images = []
-        for index, image in enumerate(low_res):
-            stepped = clock.step_kwargs("the hires-fix pass", index, len(low_res))
-            seed = request.seed_for(index)
-            pipe.scheduler = request.sampler.build(config, seed)
-            upscaled = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-            generator = runtime.device.generator(seed)
-            images.append(pipe(**fixed, **stepped, image=upscaled, generator=generator).images[0])
+        return call_per_image(runtime, pipe, config, request, clock, "the hires-fix pass", fixed,
+                              upscaled_inputs(request, low_res))
+
+
+def call_per_image(runtime: Any, pipe: Any, config: Any, request: GenerationRequest, clock: Clock, where: str,
+                   fixed: dict[str, Any], per_image: Sequence[dict[str, Any]]) -> list[Image.Image]:
+    """One pipeline call per image (`fixed` plus that image's own arguments), each with its own scheduler
+    and a generator seeded `request.seed_for(i)`; the deadline is checked before each and at every step."""
+    images = []
+    for index, own in enumerate(per_image):
+        stepped = clock.step_kwargs(where, index, len(per_image))
+        seed = request.seed_for(index)
+        pipe.scheduler = request.sampler.build(config, seed)
+        images.append(pipe(**fixed, **own, **stepped, generator=runtime.device.generator(seed)).images[0])
     return images
+
+
+def upscaled_inputs(request: GenerationRequest, low_res: list[Image.Image]) -> list[dict[str, Any]]:
+    """The hires-fix pass's per-image input: each first-pass image resized to the asked size."""
+    size = (request.width, request.height)
+    return [{"image": image.resize(size, Image.Resampling.LANCZOS)} for image in low_res]
 
 
 def steps_for(steps: int, strength: float) -> int:
