@@ -310,13 +310,14 @@ def test_a_job_that_has_run_frees_its_place_before_its_result_is_saved(horde, in
 def test_the_loop_freezes_the_heap_it_starts_with_and_thaws_it_when_it_ends(horde, interrogators, tmp_path):
     import gc
 
+    before = gc.get_freeze_count()  # CPython 3.12.1 starts with a few hundred of its own objects frozen
     daemon, thread = start_daemon(horde, interrogators, tmp_path)
     deadline = time.monotonic() + 10
-    while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+    while gc.get_freeze_count() <= before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() > before + 1000
     stop(daemon, thread)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() <= before
 
 
 def test_exception_inside_a_job_faults_it_and_the_daemon_keeps_serving(
