@@ -33,7 +33,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from bench.harness import CACHE, HordeProcess
+from bench.harness import CACHE, CountingStats, HordeProcess
 from bridge.config import build_config
 from bridge.daemon import Daemon, LoopTimings
 from bridge.horde_api import HordeClient
@@ -43,7 +43,6 @@ from bridge.journal import Journal
 from bridge.retry import RetryPolicy
 from bridge.runtime import Runtime
 from bridge.sources import SourceFetcher
-from bridge.stats import Stats
 from models.device import DevicePolicy
 from models.heap import long_lived_heap
 
@@ -75,20 +74,6 @@ class FormsHorde(HordeProcess):
     def form_states(self, ids: list[str]) -> list[str]:
         return [self._http.get(f"{self.base_url}/api/v2/interrogate/status/{i}", timeout=10).json()["state"]
                 for i in ids]  # fmt: skip
-
-
-class _Counting(Stats):
-    """Signals when `expected` jobs are done (an event, not polling: no GIL taken from the jobs)."""
-
-    def __init__(self, expected: int) -> None:
-        super().__init__()
-        self.expected = expected
-        self.all_done = threading.Event()
-
-    def job_finished(self, kind, description, timings) -> None:
-        super().job_finished(kind, description, timings)
-        if self.jobs_done >= self.expected:
-            self.all_done.set()
 
 
 def runtime_for(horde: FormsHorde, form: str) -> Runtime:
@@ -123,7 +108,7 @@ def daemon_round(
     ids = [horde.request_interrogation(form, source_b64) for _ in range(count)]
     client = HordeClient(horde.base_url, horde.api_key, client_agent="bench:1:none",
                          retry=RetryPolicy(base_delay=0.05, max_delay=0.5))  # fmt: skip
-    stats = _Counting(count)
+    stats = CountingStats(count)
     daemon = Daemon(client=client, runtime=runtime_for(horde, form), sources=[AlchemySource()],
                     journal=Journal(CACHE / "state" / f"forms-{time.time_ns()}.json"), stats=stats,
                     timings=LoopTimings(idle_poll_s=0.05))  # fmt: skip

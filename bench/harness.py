@@ -105,7 +105,7 @@ def worker_for(horde, reference: Path, *, queue_size: int = 1, max_threads: int 
     return config, client, worker
 
 
-class _CountingStats(Stats):
+class CountingStats(Stats):
     """Stats that signal when `expected` jobs are done: waiting on an event, not polling, so the measuring
     thread takes no GIL time from the jobs it measures."""
 
@@ -124,7 +124,7 @@ def run_jobs(horde, client, worker, intervals: Intervals, requests: list[str], t
     """Serve `requests` with the real daemon; returns (wall seconds from start until the daemon has
     submitted every job, stats). Completion comes from the daemon's own stats, not from polling the
     horde: a requester polling every id would load the server the worker talks to."""
-    stats = _CountingStats(len(requests))
+    stats = CountingStats(len(requests))
     daemon = Daemon(client=client, runtime=worker.runtime, sources=[TimedSource(intervals)],
                     journal=Journal(CACHE / "state" / f"bench-{time.time_ns()}.json"), stats=stats,
                     timings=LoopTimings(idle_poll_s=0.05))
